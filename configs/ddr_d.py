@@ -1,0 +1,6 @@
+"""M2MRF-HRNetV2-W48, variant d, on DDR with the official recipe."""
+from configs import common
+
+
+def get_config():
+  return common.get_config('ddr', 'd')
