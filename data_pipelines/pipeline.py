@@ -1,0 +1,195 @@
+"""grain input pipelines: this process's shard of a TFDS split -> official transforms -> batches.
+
+Training (mmseg 0.8 train pipeline, in order): the offline x6 dihedral augmentation (done on the fly),
+Resize(img_scale, ratio_range, keep_ratio), RandomCrop(crop_size) without cat_max_ratio (with fundus
+background it never accepts a crop, so after 10 tries the last random crop is used), PhotoMetricDistortion,
+Normalize, Pad(crop_size, 0, seg 0). Only the crop window is resized, which equals resizing the whole
+image and cropping it; JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when the rescaled
+image is that small.
+"""
+import collections.abc
+import dataclasses
+
+from absl import flags
+import grain
+import jax
+import numpy as np
+
+from data_pipelines import codecs
+from data_pipelines import sources
+from data_pipelines import transforms
+
+
+def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, dihedral=True,
+                  photometric=True, label_mode='exclusive'):
+  """One training example from a raw record.
+
+  Args:
+    record: a raw record (`sources.raw_source`): JPEG bytes, mask bits bytes, height, width.
+    rng: `np.random.Generator`; draws in order: dihedral map, ratio, crop offsets, photometric.
+    img_scale: the keep-ratio box (long, short).
+    ratio_range: (low, high) of the random ratio of `img_scale`.
+    crop_size: (h, w) of the crop and of the output.
+    mean: RGB mean.
+    std: RGB std.
+    dihedral: whether to apply a random one of the six dihedral maps first.
+    photometric: whether to apply the photometric distortion.
+    label_mode: 'exclusive' or 'multilabel' (`transforms.labels_from_bits`).
+
+  Returns:
+    {'image': float32 (h, w, 3) normalised, 0 in the padding; 'label': uint8 (h, w, 4), 0 in the padding}.
+  """
+  size = (int(record['height']), int(record['width']))
+  k = int(rng.integers(len(transforms.DIHEDRAL_NAMES))) if dihedral else 0
+  ratio = rng.uniform(*ratio_range)
+  oriented = transforms.dihedral_size(size, k)
+  target = transforms.rescale_size(oriented, img_scale, ratio)
+  y0, x0, ch, cw = transforms.random_crop_box(target, crop_size, rng)
+
+  # The image window is resized before the dihedral map, in the decoded image's own orientation
+  # (bilinear resizing commutes with the map, and the map is cheaper on the crop).
+  unmapped = transforms.dihedral_size(target, k)
+  image, factor = codecs.open_jpeg(record['image'], min_size=unmapped)
+  wy, wx, wh, ww = transforms.dihedral_window((y0, x0, ch, cw), unmapped, k)
+  sy, sx = size[0] / unmapped[0] / factor, size[1] / unmapped[1] / factor
+  pixels = transforms.dihedral(transforms.resize_bilinear(
+      image, (wh, ww), (wx * sx, wy * sy, (wx + ww) * sx, (wy + wh) * sy)), k)
+
+  bits = transforms.dihedral(codecs.decode_bits(record['mask_bits'], size), k)
+  bits = transforms.resize_nearest(bits, target, (y0, x0, ch, cw))
+  label = transforms.labels_from_bits(bits, label_mode)
+
+  if photometric:
+    pixels = transforms.photometric_distortion(pixels, rng)
+  return {'image': transforms.pad_to(transforms.normalize(pixels, mean, std), crop_size),
+          'label': transforms.pad_to(label, crop_size)}
+
+
+def eval_example(record, *, img_scale, mean, std, label_mode='exclusive'):
+  """One evaluation example: the image at the test scale, the masks at the original size.
+
+  Args:
+    record: a raw record (`sources.raw_source`).
+    img_scale: the keep-ratio box (long, short): IDRiD 4288x2848 -> 1440x956.
+    mean: RGB mean.
+    std: RGB std.
+    label_mode: 'exclusive' or 'multilabel'.
+
+  Returns:
+    {'id': str, 'image': float32 (h', w', 3) normalised, 'masks': bool (H, W, 4),
+     'original_size': (H, W)}.
+  """
+  size = (int(record['height']), int(record['width']))
+  target = transforms.rescale_size(size, img_scale)
+  image, factor = codecs.open_jpeg(record['image'], min_size=target)
+  pixels = transforms.resize_bilinear(image, target, (0, 0, size[1] / factor, size[0] / factor))
+  bits = codecs.decode_bits(record['mask_bits'], size)
+  return {'id': record['id'].decode(),
+          'image': transforms.normalize(pixels, mean, std),
+          'masks': transforms.labels_from_bits(bits, label_mode).astype(bool),
+          'original_size': size}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTransform(grain.transforms.RandomMap):
+  """`train_example` as a grain RandomMap (module level, so that spawned workers can unpickle it)."""
+  img_scale: tuple[int, int]
+  ratio_range: tuple[float, float]
+  crop_size: tuple[int, int]
+  mean: tuple[float, float, float]
+  std: tuple[float, float, float]
+  dihedral: bool
+  photometric: bool
+  label_mode: str
+
+  def random_map(self, element, rng):
+    return train_example(element, rng, **dataclasses.asdict(self))
+
+
+def train_transform(data_config):
+  """The `TrainTransform` of a `data` config section."""
+  if data_config.label_mode not in transforms.LABEL_TABLES:
+    raise ValueError(f'data.label_mode must be one of {tuple(transforms.LABEL_TABLES)}, '
+                     f'got {data_config.label_mode!r}')
+  return TrainTransform(
+      img_scale=tuple(data_config.img_scale), ratio_range=tuple(data_config.ratio_range),
+      crop_size=tuple(data_config.crop_size), mean=tuple(data_config.mean),
+      std=tuple(data_config.std), dihedral=bool(data_config.dihedral),
+      photometric=bool(data_config.photometric), label_mode=data_config.label_mode)
+
+
+def train_dataset(data_config, data_dir, *, batch_size, seed, process_index, process_count):
+  """The infinite training `grain.IterDataset` of one process (see `train_iterator`)."""
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by the {process_count} processes')
+  source = sources.raw_source(data_config.name, data_config.train_split, data_dir)
+  if len(source) < process_count:
+    raise ValueError(f'{len(source)} training examples cannot be shared by {process_count} processes')
+  process_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
+  dataset = (grain.MapDataset.source(source)[process_index::process_count]
+             .seed(process_seed)
+             .shuffle()  # a new order each epoch
+             .repeat()
+             .random_map(train_transform(data_config))
+             .batch(batch_size // process_count, drop_remainder=True))
+  workers = int(data_config.num_workers)
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=1 if workers else 2, prefetch_buffer_size=int(data_config.prefetch)))
+  if workers:
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; a main without absl.app has none parsed
+      flags.FLAGS.mark_as_parsed()
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=int(data_config.prefetch)))
+  return dataset
+
+
+def train_iterator(data_config, data_dir, *, batch_size, seed):
+  """Infinite, shuffled, augmented training batches of this process's shard.
+
+  Deterministic for `seed`; every epoch is reshuffled. The iterator is a `grain.DatasetIterator`:
+  `get_state()` / `set_state(state)` resume it exactly (and orbax saves it with
+  `grain.checkpoint.CheckpointSave(iterator)` / restores with `grain.checkpoint.CheckpointRestore(iterator)`).
+
+  Args:
+    data_config: the `data` section of the config.
+    data_dir: the TFDS data_dir (`data_pipelines.prepare`).
+    batch_size: the global batch; this process yields batch_size // jax.process_count() examples.
+    seed: the data seed.
+
+  Returns:
+    an iterator of {'image': float32 (b, crop_h, crop_w, 3), 'label': uint8 (b, crop_h, crop_w, 4)}.
+  """
+  return iter(train_dataset(data_config, data_dir, batch_size=batch_size, seed=seed,
+                            process_index=jax.process_index(), process_count=jax.process_count()))
+
+
+class EvalExamples(collections.abc.Sequence):
+  """A process's share of a split as evaluation examples (`eval_example`), decoded on access."""
+
+  def __init__(self, source, indices, transform):
+    self._source, self._indices, self._transform = source, indices, transform
+
+  def __len__(self):
+    return len(self._indices)
+
+  def __getitem__(self, index):
+    return self._transform(self._source[self._indices[index]])
+
+
+def eval_examples(data_config, data_dir, split, *, process_index=None, process_count=None):
+  """The examples of `split` for process `process_index` of `process_count` (default: this JAX process).
+
+  Process p gets examples p, p + count, p + 2 count, ...: the shares are disjoint and cover the split.
+
+  Returns:
+    a sequence of `eval_example` dicts, in the split's order.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  source = sources.raw_source(data_config.name, split, data_dir)
+
+  def transform(record):
+    return eval_example(record, img_scale=tuple(data_config.img_scale), mean=data_config.mean,
+                        std=data_config.std, label_mode=data_config.label_mode)
+
+  return EvalExamples(source, range(process_index, len(source), process_count), transform)

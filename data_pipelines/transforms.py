@@ -1,0 +1,252 @@
+"""Pure transforms of the official mmseg 0.8 pipelines, on NumPy arrays (H, W, C) in RGB.
+
+Interpolation: images are resized with Pillow's BILINEAR filter (half-pixel centres). Upscaling equals
+OpenCV's INTER_LINEAR that mmcv uses (up to uint8 rounding); downscaling is antialiased (a triangle
+filter widened by the scale), where INTER_LINEAR only blends the 2x2 nearest pixels and aliases.
+Masks use OpenCV's INTER_NEAREST rule exactly: source index floor(i * src / dst).
+"""
+import numpy as np
+from PIL import Image
+
+NUM_CLASSES = 4  # EX, HE, SE, MA
+
+# Dihedral maps of the official offline augmentation (tools/augment.py); rot90 is counter-clockwise.
+DIHEDRAL_NAMES = ('identity', 'rot90', 'rot180', 'rot270', 'hflip', 'vflip')
+
+# cv2 8-bit HSV (color_hsv.simd.hpp) as lookup tables: H in [0, 180), S and V in [0, 255].
+_HSV_SHIFT = 12
+
+
+def _hsv_tables():
+  """S[v << 8 | diff], H[diff, hue numerator + 255] of cv2's fixed point, and the HSV -> RGB factors."""
+  half = 1 << (_HSV_SHIFT - 1)
+  reciprocal = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], np.int64)
+  hue_reciprocal = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)],
+                            np.int64)
+  v, diff = np.meshgrid(np.arange(256), np.arange(256), indexing='ij')
+  saturation = ((diff * reciprocal[v] + half) >> _HSV_SHIFT).clip(0, 255).astype(np.uint8)
+  diff, numerator = np.meshgrid(np.arange(256), np.arange(-255, 6 * 255 + 1), indexing='ij')
+  hue = (numerator * hue_reciprocal[diff] + half) >> _HSV_SHIFT
+  hue = np.where(hue < 0, hue + 180, hue).clip(0, 255).astype(np.uint8)
+  # cv2 HSV2RGB: sector = floor(h * 6 / 180), f = its fraction, channels from v, v(1-s), v(1-s f),
+  # v(1-s(1-f)); here as factors of v per (h, s), in (r, g, b) order.
+  h, s = np.meshgrid(np.arange(256, dtype=np.float32), np.arange(256, dtype=np.float32), indexing='ij')
+  h6 = h * np.float32(6 / 180)
+  h6 = np.where(h6 >= 6, h6 - 6, h6)
+  sector = np.floor(h6).astype(np.int64)
+  f = h6 - sector
+  s = s * np.float32(1 / 255)
+  tab = np.stack([np.ones_like(s), 1 - s, 1 - s * f, 1 - s * (1 - f)], -1)
+  order = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+  factors = np.take_along_axis(tab, order[sector % 6], axis=-1).astype(np.float32)
+  return saturation.reshape(-1), hue.reshape(-1), tuple(factors[..., c].reshape(-1) for c in range(3))
+
+
+_SATURATION_LUT, _HUE_LUT, _RGB_FACTORS = _hsv_tables()
+_HUE_ROW = 6 * 255 + 256  # length of a row of _HUE_LUT
+
+
+def rescale_size(size, img_scale, ratio=1.0):
+  """Output (h, w) of mmcv's keep-ratio rescale into the box `img_scale` scaled by `ratio`.
+
+  As mmseg Resize(ratio_range) + mmcv.imrescale: box = (int(long * ratio), int(short * ratio)),
+  factor = min(max(box) / max(h, w), min(box) / min(h, w)), size = int(x * factor + 0.5).
+
+  Args:
+    size: (h, w) of the input.
+    img_scale: the box, (long, short) in either order, e.g. (1440, 960).
+    ratio: the random ratio of the training pipeline.
+
+  Returns:
+    (h, w) after the rescale: 4288x2848 into (1440, 960) -> (956, 1440).
+  """
+  box = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))
+  h, w = size
+  factor = min(max(box) / max(h, w), min(box) / min(h, w))
+  return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def resize_bilinear(image, size, box=None):
+  """Bilinear resize of a uint8 (H, W, 3) array or Pillow image to (h, w), optionally of a source box.
+
+  Args:
+    image: uint8 (H, W, 3) array or an RGB `PIL.Image.Image`.
+    size: (h, w) of the output.
+    box: (x0, y0, x1, y1) float region of the source mapped onto the output; None = the whole image.
+      Resizing the whole image to (H', W') and cropping [y, y + h) x [x, x + w) equals resizing the box
+      (x, y, x + w, y + h) * (W / W', H / H') to (h, w): pixels outside the box still contribute.
+
+  Returns:
+    uint8 (h, w, 3).
+  """
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(image)
+  out = image.resize((size[1], size[0]), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+  return np.asarray(out)
+
+
+def nearest_indices(src, dst, start=0, count=None):
+  """Source indices of OpenCV INTER_NEAREST for output positions start .. start + count - 1."""
+  count = dst - start if count is None else count
+  inverse = 1.0 / (dst / src)
+  index = np.floor(np.arange(start, start + count) * inverse).astype(np.int64)
+  return np.minimum(index, src - 1)
+
+
+def resize_nearest(array, size, window=None):
+  """Nearest resize (OpenCV INTER_NEAREST) of (H, W, ...) to (h, w), or only a window of the result.
+
+  Args:
+    array: (H, W, ...) array, any dtype (also a strided view).
+    size: (h, w) of the full resized array.
+    window: (y0, x0, hc, wc) of the resized array to compute; None = all of it.
+
+  Returns:
+    (hc, wc, ...) equal to the full nearest resize cropped to the window.
+  """
+  y0, x0, hc, wc = window if window is not None else (0, 0) + tuple(size)
+  rows = nearest_indices(array.shape[0], size[0], y0, hc)
+  cols = nearest_indices(array.shape[1], size[1], x0, wc)
+  return array[rows[:, None], cols[None, :]]
+
+
+def rescale_keep_ratio(image, img_scale):
+  """The test-time resize: uint8 (H, W, 3) -> uint8 (h', w', 3) keep-ratio into `img_scale`, bilinear."""
+  return resize_bilinear(image, rescale_size(image.shape[:2], img_scale))
+
+
+def random_crop_box(size, crop_size, rng):
+  """mmseg RandomCrop's box (without cat_max_ratio): (y0, x0, h, w) of a crop of `crop_size` (h, w).
+
+  The offsets are uniform over [0, max(H - ch, 0)] and [0, max(W - cw, 0)]; the crop is clipped to the
+  image when the image is smaller.
+  """
+  margin_h, margin_w = max(size[0] - crop_size[0], 0), max(size[1] - crop_size[1], 0)
+  y0 = int(rng.integers(0, margin_h + 1))
+  x0 = int(rng.integers(0, margin_w + 1))
+  return y0, x0, min(crop_size[0], size[0]), min(crop_size[1], size[1])
+
+
+def dihedral(array, k):
+  """Map k of the six-fold dihedral augmentation (DIHEDRAL_NAMES) on (H, W, ...); a view, not a copy."""
+  return (array, np.rot90(array, 1), np.rot90(array, 2), np.rot90(array, 3), array[:, ::-1],
+          array[::-1])[k]
+
+
+def dihedral_size(size, k):
+  """(h, w) after dihedral map k."""
+  return (size[1], size[0]) if k in (1, 3) else tuple(size)
+
+
+def dihedral_window(window, size, k):
+  """The window of an (h, w) = `size` array that dihedral map k takes onto `window` of its result.
+
+  Args:
+    window: (y0, x0, h, w) in the mapped array.
+    size: (h, w) of the array before the map.
+    k: the dihedral map.
+
+  Returns:
+    (y0, x0, h, w) in the array before the map: dihedral(a, k)[window] == dihedral(a[result], k).
+  """
+  y0, x0, h, w = window
+  rows, cols = size
+  return ((y0, x0, h, w), (x0, cols - y0 - h, w, h), (rows - y0 - h, cols - x0 - w, h, w),
+          (rows - x0 - w, y0, w, h), (y0, cols - x0 - w, h, w), (rows - y0 - h, x0, h, w))[k]
+
+
+def rgb_to_hsv(image):
+  """cv2.cvtColor(BGR2HSV) on uint8, in RGB order: (H, W, 3) -> uint8 H in [0, 180), S, V in [0, 255]."""
+  r, g, b = (image[..., c].astype(np.int16) for c in range(3))
+  v = np.maximum(np.maximum(r, g), b)
+  diff = v - np.minimum(np.minimum(r, g), b)
+  numerator = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+  out = np.empty(image.shape, np.uint8)
+  out[..., 0] = _HUE_LUT[diff.astype(np.int32) * _HUE_ROW + (numerator + 255)]
+  out[..., 1] = _SATURATION_LUT[(v.astype(np.uint16) << 8) | diff.astype(np.uint16)]
+  out[..., 2] = v
+  return out
+
+
+def hsv_to_rgb(hsv):
+  """cv2.cvtColor(HSV2BGR) on uint8 (float math, rounded), in RGB order: (H, W, 3) -> uint8."""
+  index = (hsv[..., 0].astype(np.uint16) << 8) | hsv[..., 1]
+  value = hsv[..., 2].astype(np.float32)
+  out = np.empty(hsv.shape, np.uint8)
+  for c in range(3):
+    channel = _RGB_FACTORS[c][index]
+    channel *= value
+    out[..., c] = np.rint(channel, out=channel)
+  return out
+
+
+def _convert(array, alpha=1.0, beta=0.0):
+  """mmseg PhotoMetricDistortion.convert: float32 affine map, clip to [0, 255], truncate to uint8."""
+  table = np.clip(np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta), 0, 255)
+  return table.astype(np.uint8)[array]
+
+
+def photometric_distortion(image, rng, brightness_delta=32, contrast_range=(0.5, 1.5),
+                           saturation_range=(0.5, 1.5), hue_delta=18):
+  """mmseg 0.8 PhotoMetricDistortion with its defaults on uint8 RGB (H, W, 3).
+
+  Order: brightness; contrast here if mode == 1; saturation; hue; contrast here if mode == 0. Each op
+  runs with probability 1/2; saturation and hue each round-trip through 8-bit HSV as mmcv does.
+  """
+  if rng.integers(2):
+    image = _convert(image, beta=rng.uniform(-brightness_delta, brightness_delta))
+  mode = rng.integers(2)
+  if mode == 1 and rng.integers(2):
+    image = _convert(image, alpha=rng.uniform(*contrast_range))
+  if rng.integers(2):
+    hsv = rgb_to_hsv(image)
+    hsv[..., 1] = _convert(hsv[..., 1], alpha=rng.uniform(*saturation_range))
+    image = hsv_to_rgb(hsv)
+  if rng.integers(2):
+    hsv = rgb_to_hsv(image)
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + rng.integers(-hue_delta, hue_delta)) % 180
+    image = hsv_to_rgb(hsv)
+  if mode == 0 and rng.integers(2):
+    image = _convert(image, alpha=rng.uniform(*contrast_range))
+  return image
+
+
+def normalize(image, mean, std):
+  """(image - mean) / std per RGB channel: uint8 (H, W, 3) -> float32 (H, W, 3)."""
+  out = image.astype(np.float32)
+  out -= np.asarray(mean, np.float32)
+  out *= (1.0 / np.asarray(std, np.float64)).astype(np.float32)
+  return out
+
+
+def pad_to(array, size, value=0):
+  """Pads (h, w, ...) at the bottom and right to `size` (H, W) with `value` (mmseg Pad)."""
+  if array.shape[0] > size[0] or array.shape[1] > size[1]:
+    raise ValueError(f'Cannot pad {array.shape[:2]} to the smaller size {tuple(size)}')
+  out = np.full(tuple(size) + array.shape[2:], value, array.dtype)
+  out[:array.shape[0], :array.shape[1]] = array
+  return out
+
+
+def _label_tables():
+  """256-entry lookup tables from bit flags (bit c = class c) to the 4 targets, packed as uint32."""
+  bits = np.arange(256)[:, None] >> np.arange(NUM_CLASSES) & 1
+  # The official merge writes EX, HE, SE, MA in turn, so the highest set class wins.
+  highest = np.where(bits.any(1), NUM_CLASSES - 1 - np.argmax(bits[:, ::-1], 1), -1)
+  tables = {'multilabel': bits, 'exclusive': highest[:, None] == np.arange(NUM_CLASSES)}
+  return {mode: np.ascontiguousarray(t, np.uint8).view(np.uint32)[:, 0] for mode, t in tables.items()}
+
+
+LABEL_TABLES = _label_tables()
+
+
+def labels_from_bits(bits, mode):
+  """Bit flags (..., ) uint8 -> targets (..., 4) uint8 in {0, 1}.
+
+  Args:
+    bits: uint8 flags, bit 0 EX, bit 1 HE, bit 2 SE, bit 3 MA (higher bits ignored).
+    mode: 'exclusive' (official label map, MA > SE > HE > EX on overlaps, one-hot) or 'multilabel'.
+  """
+  if mode not in LABEL_TABLES:
+    raise ValueError(f'data.label_mode must be one of {tuple(LABEL_TABLES)}, got {mode!r}')
+  return LABEL_TABLES[mode][bits].view(np.uint8).reshape(bits.shape + (NUM_CLASSES,))

@@ -1,0 +1,247 @@
+"""Every orbax call of the project: model checkpoints and the training checkpoint manager.
+
+A checkpoint directory is an `ocp.CheckpointManager` directory (one subfolder per step) whose
+steps hold Composite items:
+  model      StandardSave of the pure dict of `nnx.state(model)` (parameters and BN statistics)
+  meta       JsonSave: {'model': model config dict, 'step': int, 'config': full config (training)}
+  opt_state  StandardSave of the pure dict of `nnx.state(optimizer)` (training only)
+  data       the grain iterator state, one JSON file per process (training only)
+"""
+import signal
+import threading
+
+from absl import logging
+from etils import epath
+from flax import nnx
+import grain
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+# Model config keys that change the parameter tree; dtype and remat do not.
+STRUCTURE_KEYS = ('variant', 'width', 'num_classes', 'patch_size', 'encode_rate', 'fc_rate')
+
+
+def _to_dict(config):
+  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+
+
+def _describe(model_config):
+  return f'variant {model_config.get("variant")} width {model_config.get("width")}'
+
+
+def check_model_config(directory, saved, wanted):
+  """Raises ValueError when a checkpoint's model config differs from the requested one.
+
+  Args:
+    directory: the checkpoint directory (for the message).
+    saved: model config dict stored in the checkpoint's `meta`.
+    wanted: the model config the caller asks for.
+  """
+  wanted = _to_dict(wanted)
+  diffs = [k for k in STRUCTURE_KEYS if k in saved and saved[k] != wanted.get(k)]
+  if diffs:
+    details = ', '.join(f'{k}={saved[k]!r} (config {wanted.get(k)!r})' for k in diffs)
+    raise ValueError(
+        f'checkpoint at {directory} is {_describe(saved)}; config asks for {_describe(wanted)}'
+        f' [{details}]')
+
+
+def replicated_sharding():
+  """Parameters live replicated on every device of every process."""
+  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  return NamedSharding(mesh, P())
+
+
+def _abstract(tree, sharding=None):
+  """ShapeDtypeStructs of a pytree of arrays, keeping their shardings unless one is given."""
+  def leaf(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or getattr(x, 'sharding', None))
+  return jax.tree.map(leaf, tree)
+
+
+def _manager(directory, options=None):
+  return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
+
+
+def _restore_step(manager, directory, step):
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {directory}')
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'no step {step} in {directory}; steps: {list(manager.all_steps())}')
+  return step
+
+
+def read_meta(directory, step=None):
+  """Returns the `meta` dict of a checkpoint (the latest step if `step` is None)."""
+  with _manager(directory, ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = _restore_step(manager, directory, step)
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def save_model(directory, model, model_config, step=0):
+  """Writes `model` (parameters and BN statistics) as step `step` of a checkpoint directory.
+
+  Args:
+    directory: checkpoint directory (created if needed).
+    model: the NNX model.
+    model_config: its `config.model`, stored in `meta` and checked by `restore_model`.
+    step: the step number of the checkpoint.
+  """
+  with _manager(directory) as manager:
+    manager.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+        meta=ocp.args.JsonSave({'model': _to_dict(model_config), 'step': int(step)})), force=True)
+    manager.wait_until_finished()
+
+
+def restore_model(directory, model_config, step=None, sharding=None):
+  """Builds the model of `model_config` and loads a checkpoint into it.
+
+  Args:
+    directory: a checkpoint directory written by `save_model` or by training.
+    model_config: `config.model`; its structure must match the checkpoint's.
+    step: step to load; the latest if None.
+    sharding: where the arrays go; replicated over all devices if None.
+
+  Returns:
+    The restored NNX model (in train mode, as `models.build` returns it).
+  """
+  from m2mrf_jax import models  # pylint: disable=g-import-not-at-top
+  with _manager(directory, ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = _restore_step(manager, directory, step)
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_model_config(directory, meta['model'], model_config)
+    abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract_model)
+    target = _abstract(nnx.to_pure_dict(state), sharding or replicated_sharding())
+    restored = manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(target))).model
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)
+
+
+class TrainCheckpointer:
+  """The training checkpoint manager: full state, last k + best by mAUPR, save on SIGTERM.
+
+  Usage:
+    ckpt = TrainCheckpointer(workdir, config)
+    step = ckpt.restore(model, optimizer, data_iterator)   # 0 when the workdir is empty
+    ... ckpt.save(step, model, optimizer, data_iterator) ...
+    if ckpt.preempted(step): ckpt.save(..., force=True); stop
+    ckpt.close()
+  """
+
+  def __init__(self, directory, config, *, keep=None, best_metric='mAUPR',
+               handle_sigterm=True, async_save=True):
+    """Opens (or creates) the manager.
+
+    Args:
+      directory: the checkpoint directory (the workdir).
+      config: the full config; `config.model` guards resumption, the rest is stored in `meta`.
+      keep: how many most recent checkpoints to keep (default `config.keep_checkpoints`).
+      best_metric: metric whose best checkpoint is kept as well, when saved with metrics.
+      handle_sigterm: install a SIGTERM handler that makes `preempted` true.
+      async_save: write in a background thread (arrays are copied to host before returning).
+    """
+    self.directory = epath.Path(directory).absolute()
+    self.config = config
+    keep = config.get('keep_checkpoints', 3) if keep is None else keep
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(keep),
+        checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric], n=1,
+                                  keep_checkpoints_without_metrics=False),
+    ])
+    self.manager = _manager(self.directory, ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=async_save))
+    self._sigterm = threading.Event()
+    self._previous_handler = None
+    if handle_sigterm and threading.current_thread() is threading.main_thread():
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint at the end of this step.')
+    self._sigterm.set()
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def preempted(self, step):
+    """True once SIGTERM was received or the cluster announced a preemption."""
+    return self._sigterm.is_set() or self.manager.reached_preemption(step)
+
+  def save(self, step, model, optimizer, data_iterator=None, metrics=None, force=True):
+    """Saves the full training state as step `step` (every process must call this).
+
+    Args:
+      step: the number of optimizer steps taken.
+      model: the NNX model.
+      optimizer: its `nnx.Optimizer`.
+      data_iterator: the grain iterator (its position is saved), or None.
+      metrics: optional dict of scalars (e.g. with 'mAUPR') used to keep the best checkpoint.
+      force: save even if the manager's own policy would skip this step.
+
+    Returns:
+      Whether a checkpoint was started.
+    """
+    items = dict(
+        model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
+        meta=ocp.args.JsonSave({'model': _to_dict(self.config.model), 'step': int(step),
+                                'config': _to_dict(self.config)}))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    if metrics is not None:
+      metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+  def restore(self, model, optimizer, data_iterator=None, step=None):
+    """Loads a training checkpoint into `model`, `optimizer` and `data_iterator` in place.
+
+    Args:
+      model: the NNX model (concrete arrays; their shardings are kept).
+      optimizer: its `nnx.Optimizer`.
+      data_iterator: the grain iterator to reposition, or None.
+      step: the step to load; the latest if None.
+
+    Returns:
+      The restored step, or 0 when the directory holds no checkpoint.
+
+    Raises:
+      ValueError: the checkpoint holds another variant or width than `config.model`.
+    """
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      return 0
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    try:
+      check_model_config(self.directory, meta['model'], self.config.model)
+    except ValueError as e:
+      raise ValueError(f'refusing to resume: {e}. Use another --workdir.') from None
+    model_state, opt_state = nnx.state(model), nnx.state(optimizer)
+    items = dict(
+        model=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(model_state))),
+        opt_state=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state))))
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    nnx.replace_by_pure_dict(model_state, restored.model)
+    nnx.replace_by_pure_dict(opt_state, restored.opt_state)
+    nnx.update(model, model_state)
+    nnx.update(optimizer, opt_state)
+    return int(meta['step'])
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    """Waits for pending writes, closes the manager and restores the previous SIGTERM handler."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None

@@ -1,0 +1,72 @@
+"""The segmentor: HRNetV2(+M2MRF) backbone, FCN head, logits at the input resolution; `build`."""
+from flax import nnx
+import jax.numpy as jnp
+
+from m2mrf_jax import layers
+from m2mrf_jax.hrnet import HRNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class ConvModule(nnx.Module):
+  """mmcv ConvModule: conv (no bias, kaiming normal fan_out) -> BN -> ReLU."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, dtype, rngs: nnx.Rngs):
+    self.conv = layers.Conv2d(in_channels, out_channels, 1, dtype=dtype, rngs=rngs)
+    self.bn = layers.BatchNorm(out_channels, dtype=dtype)
+
+  def __call__(self, x):
+    return layers.relu(self.bn(self.conv(x)))
+
+
+class FCNHead(nnx.Module):
+  """mmseg FCNHead, resize_concat of all branches, num_convs=1, kernel 1, no concat_input, no dropout.
+
+  List of (N, H_i, W_i, C_i) -> (N, H_0, W_0, num_classes) logits.
+  """
+
+  def __init__(self, in_channels, num_classes: int, *, dtype, rngs: nnx.Rngs):
+    channels = sum(in_channels)
+    self.convs = nnx.List([ConvModule(channels, channels, dtype=dtype, rngs=rngs)])
+    self.conv_seg = layers.Conv2d(channels, num_classes, 1, use_bias=True,
+                                  kernel_init=layers.normal_001, dtype=dtype, rngs=rngs)
+
+  def __call__(self, xs):
+    size = xs[0].shape[1:3]
+    x = jnp.concatenate([layers.resize_bilinear(x, size) for x in xs], axis=-1)
+    return self.conv_seg(self.convs[0](x))
+
+
+class Segmentor(nnx.Module):
+  """mmseg EncoderDecoder: (N, H, W, 3) float32 -> (N, H, W, num_classes) float32 logits.
+
+  The head's 1/4-resolution logits are upsampled bilinearly (align_corners=False) in float32.
+  """
+
+  def __init__(self, backbone: HRNet, decode_head: FCNHead, dtype=jnp.float32):
+    self.backbone = backbone
+    self.decode_head = decode_head
+    self.dtype = dtype
+
+  def __call__(self, x):
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f'model input must be NHWC with 3 channels, got shape {x.shape}')
+    logits = self.decode_head(self.backbone(x.astype(self.dtype))).astype(jnp.float32)
+    return layers.resize_bilinear(logits, x.shape[1:3])
+
+
+def build(model_config, rngs: nnx.Rngs) -> Segmentor:
+  """The network that `model_config` (configs.common.model_config) describes, freshly initialised.
+
+  Initialisation as the official code from scratch: kaiming normal (fan_out) convs, BN 1/0,
+  xavier-uniform M2MRF layers with zero bias, N(0, 0.01) classifier.
+  """
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {model_config.dtype!r}')
+  dtype = DTYPES[model_config.dtype]
+  rngs = layers.KeyStream(rngs)
+  backbone = HRNet(model_config.variant, model_config.width, model_config.patch_size,
+                   model_config.encode_rate, model_config.fc_rate, dtype=dtype,
+                   remat=model_config.remat, rngs=rngs)
+  head = FCNHead(backbone.channels, model_config.num_classes, dtype=dtype, rngs=rngs)
+  return Segmentor(backbone, head, dtype)

@@ -1,0 +1,274 @@
+"""The grain pipelines: official transforms end to end, shards, determinism, resume, prepare."""
+import dataclasses
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+
+from configs import common
+import data_pipelines
+from data_pipelines import build
+from data_pipelines import codecs
+from data_pipelines import pipeline
+from data_pipelines import sources
+from data_pipelines import synthetic
+from data_pipelines import transforms
+
+SIZE = (96, 144)
+NUM_TRAIN = 5
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('pipeline')
+  manual_dir = synthetic.write_download('idrid', root / 'download', image_size=SIZE, seed=1,
+                                        num_images={'train': NUM_TRAIN, 'test': 3})
+  build.build('idrid', manual_dir, root / 'tfds')
+  return root / 'tfds'
+
+
+def _config(**overrides):
+  config = common.data_config('idrid')
+  config.img_scale = (144, 96)  # ratio 1 keeps the synthetic size
+  config.crop_size = (64, 112)
+  config.num_workers = 0
+  config.update(overrides)
+  return config
+
+
+def _reference_train_example(record, example, seed, config):
+  """The official order written out on full-resolution arrays: dihedral, rescale, crop, normalise, pad."""
+  rng = np.random.default_rng(seed)
+  k = int(rng.integers(6))
+  ratio = rng.uniform(*config.ratio_range)
+  image = transforms.dihedral(example['image'], k)
+  bits = transforms.dihedral(codecs.decode_bits(record['mask_bits'], example['image'].shape[:2]), k)
+  target = transforms.rescale_size(image.shape[:2], config.img_scale, ratio)
+  image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(target[::-1], Image.BILINEAR))
+  rows = np.minimum(np.floor(np.arange(target[0]) * bits.shape[0] / target[0]), bits.shape[0] - 1)
+  cols = np.minimum(np.floor(np.arange(target[1]) * bits.shape[1] / target[1]), bits.shape[1] - 1)
+  bits = bits[rows.astype(int)[:, None], cols.astype(int)[None, :]]
+  ch, cw = config.crop_size
+  y0 = rng.integers(0, max(target[0] - ch, 0) + 1)
+  x0 = rng.integers(0, max(target[1] - cw, 0) + 1)
+  image, bits = image[y0:y0 + ch, x0:x0 + cw], bits[y0:y0 + ch, x0:x0 + cw]
+  label_map = np.zeros(bits.shape, np.uint8)
+  for c in range(4):  # EX, HE, SE, MA in turn: the later class wins
+    label_map[(bits >> c & 1) == 1] = c + 1
+  label = (label_map[..., None] == np.arange(1, 5)).astype(np.uint8)
+  normalised = (image - np.array(config.mean)) / np.array(config.std)
+  out_image = np.zeros(tuple(config.crop_size) + (3,))
+  out_label = np.zeros(tuple(config.crop_size) + (4,), np.uint8)
+  out_image[:image.shape[0], :image.shape[1]] = normalised
+  out_label[:label.shape[0], :label.shape[1]] = label
+  return out_image, out_label
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_train_example_matches_the_official_order(data_dir, seed):
+  # Ratios above 1/2 never allow a reduced JPEG decode, so the image is exact up to Pillow's box
+  # rounding; the crop (64, 112) is smaller than some rescaled images and larger than others (padding).
+  config = _config(ratio_range=(0.6, 1.3), photometric=False)
+  source = sources.raw_source('idrid', 'train', data_dir)
+  examples = data_pipelines.load('idrid', 'train', data_dir)
+  record, example = source[seed % NUM_TRAIN], examples[seed % NUM_TRAIN]
+  out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
+  image, label = _reference_train_example(record, example, seed, config)
+  np.testing.assert_array_equal(out['label'], label)
+  # At most one uint8 level of Pillow rounding.
+  assert (np.abs(out['image'] - image) * np.array(config.std)).max() <= 1.0 + 1e-3
+  assert out['image'].dtype == np.float32 and out['label'].dtype == np.uint8
+
+
+@pytest.mark.parametrize('ratio', [0.5, 0.3])
+def test_reduced_decode_keeps_image_and_label_aligned(data_dir, ratio):
+  # Ratios <= 1/2 decode the JPEG at 1/2 (or 1/4) scale before the dihedral map and the box resize.
+  config = _config(ratio_range=(ratio, ratio), photometric=False, crop_size=SIZE)
+  record = sources.raw_source('idrid', 'train', data_dir)[1]
+  example = data_pipelines.load('idrid', 'train', data_dir)[1]
+  for seed in range(12):
+    out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
+    image, label = _reference_train_example(record, example, seed, config)
+    np.testing.assert_array_equal(out['label'], label)
+    h, w = transforms.rescale_size(transforms.dihedral_size(SIZE, np.random.default_rng(seed).integers(6)),
+                                   config.img_scale, ratio)
+    error = np.abs(out['image'] - image)[:h, :w] * np.array(config.std)  # in uint8 levels
+    assert error.mean() < 3.0, (seed, error.mean())
+
+
+def _transform_kwargs(config):
+  return dataclasses.asdict(pipeline.train_transform(config))
+
+
+def test_reduced_decode_is_close_to_full_decode(data_dir):
+  record = sources.raw_source('idrid', 'test', data_dir)[0]
+  image = data_pipelines.load('idrid', 'test', data_dir)[0]['image']
+  scale = (60, 40)  # 96x144 -> 40x60: the JPEG is decoded at 1/2 (48x72)
+  assert codecs.open_jpeg(record['image'], min_size=(40, 60))[1] == 2
+  out = pipeline.eval_example(record, img_scale=scale, mean=(0, 0, 0), std=(1, 1, 1))
+  full = transforms.rescale_keep_ratio(image, scale).astype(np.float32)
+  assert out['image'].shape == full.shape == (40, 60, 3)
+  assert np.abs(out['image'] - full).mean() < 2.0
+
+
+@pytest.mark.parametrize('label_mode', ['exclusive', 'multilabel'])
+def test_eval_examples(data_dir, label_mode):
+  config = _config(img_scale=(300, 200), label_mode=label_mode)
+  examples = pipeline.eval_examples(config, data_dir, 'test')
+  reference = data_pipelines.load('idrid', 'test', data_dir)
+  assert len(examples) == 3
+  for example, expected in zip(examples, reference):
+    assert example['id'] == expected['id'] and example['original_size'] == SIZE
+    assert example['image'].shape == (200, 300, 3)  # keep-ratio into (300, 200), no padding
+    upscaled = transforms.rescale_keep_ratio(expected['image'], (300, 200))
+    np.testing.assert_allclose(example['image'] * np.array(config.std) + np.array(config.mean),
+                               upscaled, atol=1e-3)
+    masks = expected['masks']
+    if label_mode == 'exclusive':
+      highest = np.where(masks.any(-1), 3 - np.argmax(masks[..., ::-1], -1), -1)
+      masks = highest[..., None] == np.arange(4)
+    np.testing.assert_array_equal(example['masks'], masks)
+  assert (reference[0]['masks'].sum(-1) > 1).any()  # the modes differ on these images
+
+
+def test_eval_shares_are_disjoint_and_cover_the_split(data_dir):
+  config = _config()
+  shares = [[e['id'] for e in pipeline.eval_examples(config, data_dir, 'test', process_index=p,
+                                                      process_count=2)] for p in range(2)]
+  assert not set(shares[0]) & set(shares[1])
+  assert sorted(shares[0] + shares[1]) == [e['id'] for e in data_pipelines.load('idrid', 'test', data_dir)]
+
+
+def _identify(batch_images, config, data_dir):
+  """Which train example each image of a batch is (no augmentation: the image is the normalised example)."""
+  examples = data_pipelines.load('idrid', 'train', data_dir)
+  normalised = {e['id']: transforms.normalize(e['image'], config.mean, config.std) for e in examples}
+  ids = []
+  for image in batch_images:
+    matches = [i for i, n in normalised.items() if np.abs(n - image).max() < 0.05]
+    assert len(matches) == 1
+    ids.append(matches[0])
+  return ids
+
+
+def _plain_config():
+  return _config(ratio_range=(1.0, 1.0), crop_size=SIZE, dihedral=False, photometric=False)
+
+
+def test_train_shards_are_disjoint_cover_and_reshuffle(data_dir):
+  config = _plain_config()
+  epochs = {}
+  for p in range(2):
+    dataset = pipeline.train_dataset(config, data_dir, batch_size=2, seed=0, process_index=p,
+                                     process_count=2)
+    iterator = iter(dataset)
+    shard_size = len(range(p, NUM_TRAIN, 2))
+    ids = _identify(np.concatenate([next(iterator)['image'] for _ in range(3 * shard_size)]), config,
+                    data_dir)
+    epochs[p] = [ids[i * shard_size:(i + 1) * shard_size] for i in range(3)]
+    assert all(sorted(e) == sorted(epochs[p][0]) for e in epochs[p])  # each epoch is the whole shard
+  assert not set(epochs[0][0]) & set(epochs[1][0])
+  assert len(set(epochs[0][0]) | set(epochs[1][0])) == NUM_TRAIN
+  assert len({tuple(e) for e in epochs[0]}) > 1  # reshuffled across epochs
+
+
+def test_train_batches(data_dir):
+  config = _config(crop_size=(128, 160), ratio_range=(0.5, 2.0))
+  iterator = pipeline.train_iterator(config, data_dir, batch_size=4, seed=3)
+  padded = 0
+  for _ in range(3):
+    batch = next(iterator)
+    assert batch['image'].shape == (4, 128, 160, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (4, 128, 160, 4) and batch['label'].dtype == np.uint8
+    assert batch['label'].max() == 1 and batch['label'].sum(-1).max() == 1  # exclusive one-hot
+    background = (batch['image'] == 0).all(-1)
+    padded += background.sum()
+    assert not batch['label'][background].any()  # padding: image 0 after normalisation, label 0
+  assert padded > 0  # ratios below ~1.3 give images smaller than the crop
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(batches, others):
+  for a, b in zip(batches, others, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_deterministic_and_resumable_in_process(data_dir):
+  config = _config()
+  first = _take(pipeline.train_iterator(config, data_dir, batch_size=2, seed=7), 5)
+  iterator = pipeline.train_iterator(config, data_dir, batch_size=2, seed=7)
+  _assert_same(first[:3], _take(iterator, 3))
+  state = iterator.get_state()
+  resumed = pipeline.train_iterator(config, data_dir, batch_size=2, seed=7)
+  resumed.set_state(state)
+  _assert_same(first[3:], _take(resumed, 2))
+  other = next(pipeline.train_iterator(config, data_dir, batch_size=2, seed=8))
+  assert not np.array_equal(other['image'], first[0]['image'])
+
+
+def test_iterator_state_round_trips_through_orbax(data_dir, tmp_path):
+  config = _config()
+  iterator = pipeline.train_iterator(config, data_dir, batch_size=2, seed=4)
+  _take(iterator, 2)
+  manager = ocp.CheckpointManager(tmp_path / 'checkpoints')
+  manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+  manager.wait_until_finished()
+  expected = _take(iterator, 2)
+  fresh = pipeline.train_iterator(config, data_dir, batch_size=2, seed=4)
+  restored = manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+  _assert_same(expected, _take(restored['data'], 2))
+
+
+def test_workers_give_the_same_batches_and_resume(data_dir):
+  config = _config()
+  expected = _take(pipeline.train_iterator(config, data_dir, batch_size=2, seed=5), 5)
+  config.num_workers = 2
+  iterator = pipeline.train_iterator(config, data_dir, batch_size=2, seed=5)
+  _assert_same(expected[:3], _take(iterator, 3))
+  state = iterator.get_state()
+  iterator.close()
+  resumed = pipeline.train_iterator(config, data_dir, batch_size=2, seed=5)
+  resumed.set_state(state)
+  _assert_same(expected[3:], _take(resumed, 2))
+  resumed.close()
+
+
+def test_batch_size_must_divide_by_processes(data_dir):
+  with pytest.raises(ValueError, match='batch_size 3 is not divisible by the 2 processes'):
+    pipeline.train_dataset(_config(), data_dir, batch_size=3, seed=0, process_index=0, process_count=2)
+
+
+def test_prepare_synthetic_builds_once(tmp_path):
+  config = common.data_config('ddr')
+  config.synthetic = True
+  config.synthetic_image_size = (64, 96)
+  config.synthetic_num_train, config.synthetic_num_test = 2, 1
+  config.num_workers = 0
+  data_dir = data_pipelines.prepare(config, tmp_path)
+  assert [len(data_pipelines.load('ddr', s, data_dir)) for s in ('train', 'validation', 'test')] == [2, 1, 1]
+  config.crop_size, config.img_scale = (48, 48), (80, 80)
+  batch = next(pipeline.train_iterator(config, data_dir, batch_size=2, seed=0))
+  assert batch['image'].shape == (2, 48, 48, 3) and batch['label'].shape == (2, 48, 48, 4)
+  example = pipeline.eval_examples(config, data_dir, 'validation')[0]
+  assert max(example['image'].shape[:2]) == 80 and example['masks'].shape[:2] == example['original_size']
+  info = tmp_path / 'tfds' / 'ddr' / '1.0.0' / 'dataset_info.json'
+  stamp = info.stat().st_mtime_ns
+  assert data_pipelines.prepare(config, tmp_path) == data_dir
+  assert info.stat().st_mtime_ns == stamp
+
+
+def test_prepare_manual_dir_and_missing(tmp_path):
+  config = common.data_config('idrid')
+  config.data_dir = str(tmp_path / 'tfds')
+  with pytest.raises(FileNotFoundError, match='python -m data_pipelines.build idrid'):
+    data_pipelines.prepare(config, tmp_path)
+  config.manual_dir = str(synthetic.write_download('idrid', tmp_path / 'download', image_size=(48, 72),
+                                                   num_images={'train': 1, 'test': 1}))
+  assert data_pipelines.prepare(config, tmp_path) == config.data_dir
+  assert len(data_pipelines.load('idrid', 'test', config.data_dir)) == 1

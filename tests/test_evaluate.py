@@ -1,0 +1,144 @@
+"""evaluate_model (resize to the original size, sigmoid, pooled counts) and report, against NumPy/PyTorch."""
+import json
+import sys
+import types
+
+from flax import nnx
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+import torch
+
+from configs import common
+from m2mrf_jax import evaluate
+from m2mrf_jax import metrics
+from tests.test_metrics import official_metrics
+
+
+class StandIn(nnx.Module):
+  """1x1 conv + BatchNorm with random running statistics: eval and train mode differ."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Linear(3, 4, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    rng = np.random.default_rng(0)
+    self.bn.mean[...] = rng.normal(size=4).astype(np.float32)
+    self.bn.var[...] = rng.uniform(0.5, 2, size=4).astype(np.float32)
+
+  def __call__(self, x):
+    return self.bn(self.conv(x))
+
+
+def reference_probs(model, image, size):
+  """Logits in NumPy, bilinear resize with torch (align_corners=False), sigmoid: (H, W, 4)."""
+  w, b = np.asarray(model.conv.kernel[...]), np.asarray(model.conv.bias[...])
+  bn = model.bn
+  logits = image @ w + b
+  logits = (logits - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + bn.epsilon)
+  logits = logits * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
+  t = torch.from_numpy(logits.astype(np.float32)).permute(2, 0, 1)[None]
+  t = torch.nn.functional.interpolate(t, size=size, mode='bilinear', align_corners=False)
+  return torch.sigmoid(t)[0].permute(1, 2, 0).numpy()
+
+
+def fake_examples(seed):
+  """Two input/original sizes; exclusive label maps; returns (examples, label maps)."""
+  rng = np.random.default_rng(seed)
+  examples, labels = [], []
+  for i, (small, size) in enumerate([((10, 15), (24, 36))] * 3 + [((8, 8), (20, 20))]):
+    label = rng.choice(5, size=size, p=[0.8, 0.05, 0.05, 0.05, 0.05])
+    examples.append(dict(id=f'img{i}', image=rng.normal(size=(*small, 3)).astype(np.float32),
+                         masks=np.stack([label == k for k in range(1, 5)], -1), original_size=size))
+    labels.append(label)
+  return examples, labels
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+  """Replaces data_pipelines.pipeline.eval_examples with fixed examples of split 'test'."""
+  examples, labels = fake_examples(0)
+
+  def eval_examples(data_config, data_dir, split):
+    assert (data_config.name, data_dir, split) == ('idrid', '/data', 'test')
+    return examples
+
+  import data_pipelines  # pylint: disable=g-import-not-at-top
+  fake = types.ModuleType('data_pipelines.pipeline')
+  fake.eval_examples = eval_examples
+  monkeypatch.setitem(sys.modules, 'data_pipelines.pipeline', fake)
+  monkeypatch.setattr(data_pipelines, 'pipeline', fake, raising=False)
+  return examples, labels
+
+
+def test_evaluate_model_equals_reference_on_8_devices(fake_pipeline):
+  examples, labels = fake_pipeline
+  config = common.get_config('idrid', 'c')
+  model = StandIn(nnx.Rngs(0))
+  mesh = jax.make_mesh((8,), ('data',))
+  got = evaluate.evaluate_model(model, config, '/data', mesh=mesh)
+  probs = [reference_probs(model, e['image'], e['original_size']) for e in examples]
+  want = official_metrics(probs, labels)
+  for key in ('aupr', 'iou', 'f1'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+  assert got['mAUPR'] == pytest.approx(want['aupr'].mean(), rel=1e-6)
+  assert got['num_images'] == 4
+  # The same maps through the public evaluate(): identical pooled counts.
+  masks = [e['masks'] for e in examples]
+  np.testing.assert_allclose(metrics.evaluate(probs, masks)['aupr_fine'], got['aupr_fine'], rtol=1e-4)
+  assert model.bn.use_running_average is False  # the caller's module stays in train mode
+
+
+def test_same_size_batches_groups_consecutive_sizes():
+  examples, _ = fake_examples(1)
+  batches = list(evaluate.same_size_batches(examples, 2))
+  assert [[e['id'] for e in b] for b in batches] == [['img0', 'img1'], ['img2'], ['img3']]
+
+
+def test_report_writes_table_json_and_curves(tmp_path, capsys):
+  rng = np.random.default_rng(4)
+  probs = [rng.random((30, 20, 4), dtype=np.float32) ** 2 for _ in range(2)]
+  masks = [rng.random((30, 20, 4)) < 0.1 for _ in range(2)]
+  scores = metrics.evaluate(probs, masks)
+  evaluate.report(scores, tmp_path)
+  saved = json.loads((tmp_path / 'metrics.json').read_text())
+  for key in ('mAUPR', 'mIoU', 'mF1'):
+    assert saved[key] == pytest.approx(scores[key])
+  assert [saved['aupr'][c] for c in metrics.CLASSES] == pytest.approx(list(scores['aupr']))
+  assert [saved['iou'][c] for c in metrics.CLASSES] == pytest.approx(list(scores['iou']))
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split() == ['EX', 'HE', 'SE', 'MA', 'mean']
+  printed = {line.split()[0]: [float(v) for v in line.split()[-5:]] for line in lines[1:4]}
+  np.testing.assert_allclose(printed['AUPR'], 100 * np.append(scores['aupr'], scores['mAUPR']), atol=0.006)
+  np.testing.assert_allclose(printed['F'], 100 * np.append(scores['f1'], scores['mF1']), atol=0.006)
+  np.testing.assert_allclose(printed['IoU'], 100 * np.append(scores['iou'], scores['mIoU']), atol=0.006)
+  with Image.open(tmp_path / 'pr_curves.png') as png:
+    assert png.size[0] > 3 * png.size[1]  # four panels side by side
+
+
+def test_evaluate_model_on_synthetic_idrid_against_the_tiff_masks(tmp_path):
+  """The real pipeline: masks read back from the synthetic download's TIFFs, merged as the official code."""
+  from data_pipelines import build, pipeline, synthetic  # pylint: disable=g-import-not-at-top
+  manual = synthetic.write_download('idrid', tmp_path / 'download', num_images={'train': 1, 'test': 3},
+                                    image_size=(64, 96), seed=3)
+  build.build('idrid', manual, tmp_path / 'tfds')
+  config = common.get_config('idrid', 'c')
+  config.data.img_scale = (48, 32)  # 64 x 96 -> 32 x 48 at the test scale
+  model = StandIn(nnx.Rngs(1))
+  got = evaluate.evaluate_model(model, config, str(tmp_path / 'tfds'))
+  truth = manual / 'A. Segmentation' / '2. All Segmentation Groundtruths' / 'b. Testing Set'
+  probs, labels = [], []
+  for example in pipeline.eval_examples(config.data, str(tmp_path / 'tfds'), 'test'):
+    assert example['image'].shape == (32, 48, 3)
+    probs.append(reference_probs(model, example['image'], example['original_size']))
+    label = np.zeros(example['original_size'], np.uint8)
+    for k, name in enumerate(metrics.CLASSES, start=1):  # prepare_labels.py: later classes overwrite
+      found = list(truth.glob(f'*/{example["id"]}_{name}.tif'))
+      if found:
+        label[np.asarray(Image.open(found[0]).convert('L')) > 0] = k
+    labels.append(label)
+  assert all(np.any(label > 0) for label in labels)
+  want = official_metrics(probs, labels)
+  assert got['num_images'] == 3
+  for key in ('aupr', 'iou', 'f1'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
