@@ -182,7 +182,6 @@ def report(scores: dict, workdir) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   table = format_table(scores)
   print(table, flush=True)
-  logging.info('\n%s', table)
   (workdir / METRICS_FILE).write_text(json.dumps(to_json(scores), indent=1))
   visualize.plot_pr_curves(scores, workdir / PR_CURVES_FILE)
   logging.info('wrote %s and %s in %s', METRICS_FILE, PR_CURVES_FILE, workdir)
