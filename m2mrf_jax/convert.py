@@ -103,22 +103,19 @@ def _normalize(state_dict_in, add_prefix):
   return out
 
 
+def _first_present(shapes, prefix, probes):
+  """The name of the first (key suffix, name) probe whose `prefix + suffix` is in `shapes`, else '?'."""
+  return next((name for suffix, name in probes if prefix + suffix in shapes), '?')
+
+
 def describe(shapes):
   """'variant c / width 48 / 4 classes' from mmseg keys -> torch shapes (parts it cannot tell are '?')."""
-  s3 = 'backbone.stage3.0.fuse_layers.2.0.'
-  if f'{s3}1.0.sample_encode_conv.weight' in shapes:
-    down = 'cascade'
-  elif f'{s3}0.0.sample_encode_conv.weight' in shapes:
-    down = 'onestep'
-  else:
-    down = 'conv' if f'{s3}0.0.weight' in shapes else '?'
-  s2 = 'backbone.stage2.0.fuse_layers.0.1.'
-  if f'{s2}sample_0.sample_encode_conv.weight' in shapes:
-    up = 'cascade'
-  elif f'{s2}2.sample_encode_conv.weight' in shapes:
-    up = 'onestep'
-  else:
-    up = 'bilinear' if f'{s2}0.weight' in shapes else '?'
+  down = _first_present(shapes, 'backbone.stage3.0.fuse_layers.2.0.', (
+      ('1.0.sample_encode_conv.weight', 'cascade'), ('0.0.sample_encode_conv.weight', 'onestep'),
+      ('0.0.weight', 'conv')))
+  up = _first_present(shapes, 'backbone.stage2.0.fuse_layers.0.1.', (
+      ('sample_0.sample_encode_conv.weight', 'cascade'), ('2.sample_encode_conv.weight', 'onestep'),
+      ('0.weight', 'bilinear')))
   variants = {('conv', 'bilinear'): 'base', ('onestep', 'onestep'): 'a', ('onestep', 'cascade'): 'b',
               ('cascade', 'onestep'): 'c', ('cascade', 'cascade'): 'd'}
   variant = variants.get((down, up), '?')
