@@ -186,10 +186,14 @@ def photometric_distortion(image, rng, brightness_delta=32, contrast_range=(0.5,
 
 
 def normalize(image, mean, std):
-  """(image - mean) / std per RGB channel: uint8 (H, W, 3) -> float32 (H, W, 3)."""
+  """mmcv.imnormalize on RGB: uint8 (H, W, 3) -> float32 (image - mean) / std, bit for bit.
+
+  As mmcv: the float32 image, and the mean and 1 / std of float32 arrays widened to float64, through
+  cv2.subtract and cv2.multiply.
+  """
   out = image.astype(np.float32)
-  out -= np.asarray(mean, np.float32)
-  out *= (1.0 / np.asarray(std, np.float64)).astype(np.float32)
+  cv2.subtract(out, np.float64(np.asarray(mean, np.float32).reshape(1, -1)), out)
+  cv2.multiply(out, 1 / np.float64(np.asarray(std, np.float32).reshape(1, -1)), out)
   return out
 
 

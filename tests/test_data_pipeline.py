@@ -155,9 +155,10 @@ def test_test_input_equals_opencv_at_the_idrid_scale(dotted_record):
   assert np.abs(reduced['image'] - expected[..., ::-1]).max() > 20  # the opt-in is another input
 
 
-# Seeds 21, 11, 0, 12, 1 draw the maps rot90, identity, vflip, rot270, rot180.
-@pytest.mark.parametrize('ratio,seed', [(0.5, 21), (1.0, 11), (1.0, 0), (2.0, 12), (2.0, 1)])
-def test_train_crop_equals_opencv(dotted_record, ratio, seed):
+# The seeds draw every dihedral map k once (transforms.DIHEDRAL_NAMES).
+@pytest.mark.parametrize('ratio,seed,k', [(0.5, 21, 1), (0.5, 3, 4), (1.0, 11, 0), (1.0, 0, 5),
+                                          (2.0, 12, 3), (2.0, 1, 2)])
+def test_train_crop_equals_opencv(dotted_record, ratio, seed, k):
   crop = (960, 1440)
   out = pipeline.train_example(dotted_record, np.random.default_rng(seed), img_scale=(1440, 960),
                                ratio_range=(ratio, ratio), crop_size=crop, mean=(0, 0, 0),
@@ -165,7 +166,7 @@ def test_train_crop_equals_opencv(dotted_record, ratio, seed):
   # The official order: the (offline) dihedral map of the decoded image, Resize(ratio_range) =
   # mmcv.imrescale into (int(1440 r), int(960 r)), RandomCrop offsets, Pad; labels nearest.
   rng = np.random.default_rng(seed)
-  k = int(rng.integers(6))
+  assert int(rng.integers(6)) == k
   assert rng.uniform(ratio, ratio) == ratio
   image = np.ascontiguousarray(transforms.dihedral(_opencv_image(dotted_record), k))
   h, w = image.shape[:2]

@@ -265,6 +265,12 @@ def test_normalize_and_pad():
   out = transforms.normalize(image, mean, std)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, (image - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+  # mmseg Normalize(to_rgb=True) on the BGR image: mmcv.imnormalize_ as written in mmcv 1.2.
+  official = image[..., ::-1].astype(np.float32)
+  cv2.cvtColor(official, cv2.COLOR_BGR2RGB, official)
+  cv2.subtract(official, np.float64(np.array(mean, np.float32).reshape(1, -1)), official)
+  cv2.multiply(official, 1 / np.float64(np.array(std, np.float32).reshape(1, -1)), official)
+  np.testing.assert_array_equal(out, official)
   padded = transforms.pad_to(out, (10, 12))
   assert padded.shape == (10, 12, 3)
   np.testing.assert_array_equal(padded[:6, :9], out)
