@@ -43,7 +43,7 @@ def resize_linear(image, size):
 
 
 def resize_antialiased(image, size, box=None):
-  """Pillow BILINEAR (antialiased when shrinking) resize of a uint8 (H, W, 3) array or Pillow image to (h, w), optionally of a source box.
+  """Pillow BILINEAR resize (antialiased when shrinking; opt-in path) of uint8 (H, W, 3) to (h, w).
 
   Args:
     image: uint8 (H, W, 3) array or an RGB `PIL.Image.Image`.

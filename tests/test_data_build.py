@@ -135,7 +135,8 @@ def test_wrong_layout_says_expected_and_found(tmp_path):
 
 def test_missing_folder_names_the_path(downloads, tmp_path):
   manual_dir = _copy(downloads, 'idrid', tmp_path)
-  gone = manual_dir / 'A. Segmentation' / '2. All Segmentation Groundtruths' / 'b. Testing Set' / '4. Soft Exudates'
+  groundtruths = manual_dir / 'A. Segmentation' / '2. All Segmentation Groundtruths'
+  gone = groundtruths / 'b. Testing Set' / '4. Soft Exudates'
   shutil.rmtree(gone)
   _expect_build_error('idrid', manual_dir, tmp_path, FileNotFoundError, gone, '1. Microaneurysms')
 
