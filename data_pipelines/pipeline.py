@@ -3,9 +3,11 @@
 Training (mmseg 0.8 train pipeline, in order): the offline x6 dihedral augmentation (done on the fly),
 Resize(img_scale, ratio_range, keep_ratio), RandomCrop(crop_size) without cat_max_ratio (with fundus
 background it never accepts a crop, so after 10 tries the last random crop is used), PhotoMetricDistortion,
-Normalize, Pad(crop_size, 0, seg 0). Only the crop window is resized, which equals resizing the whole
-image and cropping it; JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when the rescaled
-image is that small.
+Normalize, Pad(crop_size, 0, seg 0). Images are decoded and resized exactly as mmcv 1.2 (cv2.imdecode,
+cv2.resize INTER_LINEAR of the whole mapped image, then the crop); only the crop window of the labels is
+resized (nearest), which equals resizing them whole. The opt-in `reduced_decode` decodes JPEGs at 1/2,
+1/4 or 1/8 scale (DCT scaling) when the rescaled image is that small and resizes only the crop window
+with Pillow's antialiased bilinear: faster, but not the official input (README).
 """
 import collections.abc
 import dataclasses
@@ -20,8 +22,37 @@ from data_pipelines import sources
 from data_pipelines import transforms
 
 
+def _image_window(data, size, k, target, window, reduced_decode):
+  """uint8 RGB pixels of `window` of the JPEG `data` (of `size`) after dihedral map k and the resize.
+
+  Args:
+    data: JPEG bytes.
+    size: (H, W) of the JPEG.
+    k: the dihedral map.
+    target: (h, w) of the mapped image after the keep-ratio resize.
+    window: (y0, x0, h, w) of the resized image to return.
+    reduced_decode: the opt-in fast path (module docstring); False: exactly as mmcv.
+
+  Returns:
+    uint8 (h, w, 3) RGB.
+  """
+  y0, x0, h, w = window
+  if not reduced_decode:  # mmcv: imfrombytes, (offline) dihedral map, imrescale, crop; BGR until cropped
+    image = transforms.dihedral_copy(codecs.decode_jpeg(data, 'bgr'), k)
+    crop = transforms.resize_linear(image, target)[y0:y0 + h, x0:x0 + w]
+    return np.ascontiguousarray(crop[..., ::-1])
+  # The window is resized before the dihedral map, in the decoded image's own orientation (bilinear
+  # resizing commutes with the map, and the map is cheaper on the crop).
+  unmapped = transforms.dihedral_size(target, k)
+  image, factor = codecs.open_jpeg(data, min_size=unmapped)
+  wy, wx, wh, ww = transforms.dihedral_window(window, unmapped, k)
+  sy, sx = size[0] / unmapped[0] / factor, size[1] / unmapped[1] / factor
+  return transforms.dihedral(transforms.resize_antialiased(
+      image, (wh, ww), (wx * sx, wy * sy, (wx + ww) * sx, (wy + wh) * sy)), k)
+
+
 def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, dihedral=True,
-                  photometric=True, label_mode='exclusive'):
+                  photometric=True, label_mode='exclusive', reduced_decode=False):
   """One training example from a raw record.
 
   Args:
@@ -35,6 +66,7 @@ def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, 
     dihedral: whether to apply a random one of the six dihedral maps first.
     photometric: whether to apply the photometric distortion.
     label_mode: 'exclusive' or 'multilabel' (`transforms.labels_from_bits`).
+    reduced_decode: the opt-in reduced-size JPEG decode and antialiased resize (`data.reduced_decode`).
 
   Returns:
     {'image': float32 (h, w, 3) normalised, 0 in the padding; 'label': uint8 (h, w, 4), 0 in the padding}.
@@ -45,15 +77,7 @@ def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, 
   oriented = transforms.dihedral_size(size, k)
   target = transforms.rescale_size(oriented, img_scale, ratio)
   y0, x0, ch, cw = transforms.random_crop_box(target, crop_size, rng)
-
-  # The image window is resized before the dihedral map, in the decoded image's own orientation
-  # (bilinear resizing commutes with the map, and the map is cheaper on the crop).
-  unmapped = transforms.dihedral_size(target, k)
-  image, factor = codecs.open_jpeg(record['image'], min_size=unmapped)
-  wy, wx, wh, ww = transforms.dihedral_window((y0, x0, ch, cw), unmapped, k)
-  sy, sx = size[0] / unmapped[0] / factor, size[1] / unmapped[1] / factor
-  pixels = transforms.dihedral(transforms.resize_bilinear(
-      image, (wh, ww), (wx * sx, wy * sy, (wx + ww) * sx, (wy + wh) * sy)), k)
+  pixels = _image_window(record['image'], size, k, target, (y0, x0, ch, cw), reduced_decode)
 
   bits = transforms.dihedral(codecs.decode_bits(record['mask_bits'], size), k)
   bits = transforms.resize_nearest(bits, target, (y0, x0, ch, cw))
@@ -65,7 +89,7 @@ def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, 
           'label': transforms.pad_to(label, crop_size)}
 
 
-def eval_example(record, *, img_scale, mean, std, label_mode='exclusive'):
+def eval_example(record, *, img_scale, mean, std, label_mode='exclusive', reduced_decode=False):
   """One evaluation example: the image at the test scale, the masks at the original size.
 
   Args:
@@ -74,6 +98,7 @@ def eval_example(record, *, img_scale, mean, std, label_mode='exclusive'):
     mean: RGB mean.
     std: RGB std.
     label_mode: 'exclusive' or 'multilabel'.
+    reduced_decode: the opt-in reduced-size JPEG decode and antialiased resize (`data.reduced_decode`).
 
   Returns:
     {'id': str, 'image': float32 (h', w', 3) normalised, 'masks': bool (H, W, 4),
@@ -81,8 +106,7 @@ def eval_example(record, *, img_scale, mean, std, label_mode='exclusive'):
   """
   size = (int(record['height']), int(record['width']))
   target = transforms.rescale_size(size, img_scale)
-  image, factor = codecs.open_jpeg(record['image'], min_size=target)
-  pixels = transforms.resize_bilinear(image, target, (0, 0, size[1] / factor, size[0] / factor))
+  pixels = _image_window(record['image'], size, 0, target, (0, 0) + target, reduced_decode)
   bits = codecs.decode_bits(record['mask_bits'], size)
   return {'id': record['id'].decode(),
           'image': transforms.normalize(pixels, mean, std),
@@ -101,6 +125,7 @@ class TrainTransform(grain.transforms.RandomMap):
   dihedral: bool
   photometric: bool
   label_mode: str
+  reduced_decode: bool = False
 
   def random_map(self, element, rng):
     return train_example(element, rng, **dataclasses.asdict(self))
@@ -115,7 +140,8 @@ def train_transform(data_config):
       img_scale=tuple(data_config.img_scale), ratio_range=tuple(data_config.ratio_range),
       crop_size=tuple(data_config.crop_size), mean=tuple(data_config.mean),
       std=tuple(data_config.std), dihedral=bool(data_config.dihedral),
-      photometric=bool(data_config.photometric), label_mode=data_config.label_mode)
+      photometric=bool(data_config.photometric), label_mode=data_config.label_mode,
+      reduced_decode=bool(data_config.reduced_decode))
 
 
 def train_dataset(data_config, data_dir, *, batch_size, seed, process_index, process_count):
@@ -190,6 +216,7 @@ def eval_examples(data_config, data_dir, split, *, process_index=None, process_c
 
   def transform(record):
     return eval_example(record, img_scale=tuple(data_config.img_scale), mean=data_config.mean,
-                        std=data_config.std, label_mode=data_config.label_mode)
+                        std=data_config.std, label_mode=data_config.label_mode,
+                        reduced_decode=bool(data_config.reduced_decode))
 
   return EvalExamples(source, range(process_index, len(source), process_count), transform)

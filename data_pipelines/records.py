@@ -56,13 +56,18 @@ def make_example(stem, image_path, mask_paths, optic_disc_path=None):
   return example
 
 
-def find_root(manual_dir, marker, expected):
-  """The folder named `marker` at manual_dir, inside it, or one level further down.
+def find_root(manual_dir, marker, expected, required=()):
+  """The folder named `marker` that holds the folders `required`: manual_dir or one up to 3 levels down.
+
+  Zips often unpack into a folder of their own name, so "A. Segmentation/A. Segmentation/..." is found
+  too. Without a folder that holds all of `required`, the first one named `marker` is returned (the
+  caller then names the missing folder).
 
   Args:
     manual_dir: where the user unpacked the download.
     marker: the top folder of the layout, e.g. 'A. Segmentation'.
     expected: a description of the expected layout for the error message.
+    required: subfolders the right `marker` folder has, e.g. ('1. Original Images',).
 
   Returns:
     the `marker` folder.
@@ -70,12 +75,16 @@ def find_root(manual_dir, marker, expected):
   manual_dir = epath.Path(manual_dir)
   if not manual_dir.is_dir():
     raise FileNotFoundError(f'manual_dir {manual_dir} does not exist. Expected:\n{expected}')
-  if manual_dir.name == marker:
-    return manual_dir
-  candidates = [manual_dir / marker] + [d / marker for d in sorted(manual_dir.iterdir()) if d.is_dir()]
-  for candidate in candidates:
-    if candidate.is_dir():
-      return candidate
+  level, named = [manual_dir], []
+  for depth in range(4):  # breadth first: the shallowest match wins
+    named += [d for d in level if d.name == marker]
+    for candidate in named:
+      if all((candidate / r).is_dir() for r in required):
+        return candidate
+    if depth < 3:
+      level = [c for d in level for c in sorted(d.iterdir()) if c.is_dir()]
+  if named:
+    return named[0]
   found = sorted(p.name for p in manual_dir.iterdir())
   raise FileNotFoundError(
       f'manual_dir {manual_dir} does not hold the expected layout.\nExpected:\n{expected}\n'

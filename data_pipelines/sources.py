@@ -35,7 +35,7 @@ def decode(record):
   bits = codecs.decode_bits(record['mask_bits'], (record['height'], record['width']))
   example = {
       'id': record['id'].decode(),
-      'image': np.asarray(codecs.open_jpeg(record['image'])[0]),
+      'image': codecs.decode_jpeg(record['image']),
       'masks': transforms.labels_from_bits(bits, 'multilabel').astype(bool),
       'has_mask': np.asarray(record['has_mask'], bool),
   }

@@ -5,6 +5,7 @@ lesions drawn on top: microaneurysms of a few pixels up to haemorrhages of a few
 and a microaneurysm overlap in every image, so the exclusive merge has something to decide.
 """
 import functools
+import io
 
 from etils import epath
 import numpy as np
@@ -82,6 +83,37 @@ def make_example(rng, size, with_soft_exudates):
     colour = np.array(_LESIONS[name][4] if name != 'OD' else (250, 230, 180), np.float32)
     image[masks[name]] = 0.25 * image[masks[name]] + 0.75 * colour
   return image.astype(np.uint8), masks
+
+
+def dotted_jpeg(size=(2848, 4288), num_dots=400, radii=(2.0, 5.0), seed=0, quality=95):
+  """A fundus JPEG with tiny bright and dark discs, microaneurysm-like, to test the input resize.
+
+  Args:
+    size: (h, w); the default is IDRiD's.
+    num_dots: discs, alternately dark (x0.35) and bright (2/3 of the way to white), inside the fundus.
+    radii: (min, max) disc radius in pixels.
+    seed: the random seed.
+    quality: JPEG quality.
+
+  Returns:
+    (JPEG bytes, float (num_dots, 4) of centre y, centre x, radius, +1 bright / -1 dark).
+  """
+  rng = np.random.default_rng(seed)
+  h, w = size
+  image = _background(h, w).astype(np.float32)
+  radius = rng.uniform(0, min(h, w) * 0.4, num_dots)
+  theta = rng.uniform(0, 2 * np.pi, num_dots)
+  dots = np.stack([h / 2 + radius * np.sin(theta), w / 2 + radius * np.cos(theta),
+                   rng.uniform(*radii, num_dots), np.where(np.arange(num_dots) % 2, 1.0, -1.0)], -1)
+  for y, x, r, sign in dots:
+    top, left = int(y) - 6, int(x) - 6
+    patch = image[top:top + 13, left:left + 13]
+    mask = np.zeros(patch.shape[:2], bool)
+    _ellipse(mask, (y - top, x - left), (r, r), 0.0)
+    patch[mask] = patch[mask] * 0.35 if sign < 0 else patch[mask] + (255 - patch[mask]) * (2 / 3)
+  buffer = io.BytesIO()
+  Image.fromarray(image.astype(np.uint8)).save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue(), dots
 
 
 def _save_jpeg(path, image):

@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import cv2
 from etils import epath
 from flax import nnx
 import jax
@@ -42,15 +43,15 @@ THRESHOLD = 0.5
 
 
 def read_image(path) -> np.ndarray:
-  """An image file as uint8 RGB (H, W, 3); raises ValueError naming the file if it cannot be read."""
+  """An image file as uint8 RGB (H, W, 3), as the official mmcv.imread (cv2, IMREAD_COLOR: grey and
+  16-bit files become 8-bit colour, EXIF orientation applied); raises ValueError naming the file."""
   try:
-    with Image.open(path) as image:
-      image.load()
-      if image.mode in ('I;16', 'I;16B', 'I'):  # 16-bit grey (TIFF, PNG): keep the high byte
-        image = Image.fromarray((np.asarray(image, np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-      return np.asarray(image.convert('RGB'))
-  except (OSError, SyntaxError, ValueError) as e:
+    image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
+  except (OSError, cv2.error) as e:
     raise ValueError(f'cannot read image {path}: {e}') from e
+  if image is None:
+    raise ValueError(f'cannot read image {path}: not an image OpenCV can decode')
+  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)
 
 
 def parse_pair(values, name):

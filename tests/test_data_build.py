@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import cv2
 from etils import epath
 import numpy as np
 from PIL import Image
@@ -69,7 +70,7 @@ def test_every_example_equals_its_source_files(downloads, data_dir, name, split)
   assert len(examples) == len(images) == (IDRID_COUNTS if name == 'idrid' else DDR_COUNTS)[split]
   assert [e['id'] for e in examples] == [p.stem for p in images]
   for path, example in zip(images, examples):
-    image = _decode(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1]  # mmcv.imread, then to RGB
     np.testing.assert_array_equal(example['image'], image)
     assert example['masks'].dtype == bool and example['masks'].shape == image.shape[:2] + (4,)
     for c, lesion in enumerate(('EX', 'HE', 'SE', 'MA')):
@@ -134,9 +135,28 @@ def test_wrong_layout_says_expected_and_found(tmp_path):
 
 def test_missing_folder_names_the_path(downloads, tmp_path):
   manual_dir = _copy(downloads, 'idrid', tmp_path)
-  gone = manual_dir / 'A. Segmentation' / '2. All Segmentation Groundtruths' / 'b. Testing Set' / '5. Optic Disc'
+  groundtruths = manual_dir / 'A. Segmentation' / '2. All Segmentation Groundtruths'
+  gone = groundtruths / 'b. Testing Set' / '4. Soft Exudates'
   shutil.rmtree(gone)
   _expect_build_error('idrid', manual_dir, tmp_path, FileNotFoundError, gone, '1. Microaneurysms')
+
+
+def test_idrid_without_optic_disc_folder_in_a_doubly_nested_unzip(downloads, data_dir, tmp_path):
+  # The zip unpacked into a folder of its own name, and the (unused) optic disc masks left out.
+  outer = tmp_path / 'unzipped' / 'A. Segmentation'
+  shutil.copytree(epath.Path(downloads['idrid']) / 'A. Segmentation', outer / 'A. Segmentation')
+  for split in ('a. Training Set', 'b. Testing Set'):
+    shutil.rmtree(outer / 'A. Segmentation' / '2. All Segmentation Groundtruths' / split / '5. Optic Disc')
+  for manual_dir in (outer, tmp_path / 'unzipped'):
+    build.build('idrid', manual_dir, tmp_path / f'tfds_{manual_dir.name}')
+    for split in ('train', 'test'):
+      examples = data_pipelines.load('idrid', split, tmp_path / f'tfds_{manual_dir.name}')
+      reference = data_pipelines.load('idrid', split, data_dir)
+      assert len(examples) == len(reference) == IDRID_COUNTS[split]
+      for example, expected in zip(examples, reference):
+        np.testing.assert_array_equal(example['image'], expected['image'])
+        np.testing.assert_array_equal(example['masks'], expected['masks'])
+        assert not example['optic_disc'].any() and expected['optic_disc'].any()
 
 
 def test_missing_image_names_the_path(downloads, tmp_path):

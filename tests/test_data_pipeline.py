@@ -1,6 +1,7 @@
 """The grain pipelines: official transforms end to end, shards, determinism, resume, prepare."""
 import dataclasses
 
+import cv2
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
@@ -38,15 +39,24 @@ def _config(**overrides):
   return config
 
 
-def _reference_train_example(record, example, seed, config):
-  """The official order written out on full-resolution arrays: dihedral, rescale, crop, normalise, pad."""
+def _opencv_resize(image, size):
+  return cv2.resize(np.ascontiguousarray(image), size[::-1], interpolation=cv2.INTER_LINEAR)
+
+
+def _pillow_resize(image, size):
+  return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size[::-1], Image.BILINEAR))
+
+
+def _reference_train_example(record, example, seed, config, resize=_opencv_resize):
+  """The official order written out on full-resolution arrays: dihedral, rescale (cv2 INTER_LINEAR, as
+  mmcv.imrescale; or another `resize`), crop, normalise, pad."""
   rng = np.random.default_rng(seed)
   k = int(rng.integers(6))
   ratio = rng.uniform(*config.ratio_range)
   image = transforms.dihedral(example['image'], k)
   bits = transforms.dihedral(codecs.decode_bits(record['mask_bits'], example['image'].shape[:2]), k)
   target = transforms.rescale_size(image.shape[:2], config.img_scale, ratio)
-  image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(target[::-1], Image.BILINEAR))
+  image = resize(image, target)
   rows = np.minimum(np.floor(np.arange(target[0]) * bits.shape[0] / target[0]), bits.shape[0] - 1)
   cols = np.minimum(np.floor(np.arange(target[1]) * bits.shape[1] / target[1]), bits.shape[1] - 1)
   bits = bits[rows.astype(int)[:, None], cols.astype(int)[None, :]]
@@ -68,29 +78,28 @@ def _reference_train_example(record, example, seed, config):
 
 @pytest.mark.parametrize('seed', range(6))
 def test_train_example_matches_the_official_order(data_dir, seed):
-  # Ratios above 1/2 never allow a reduced JPEG decode, so the image is exact up to Pillow's box
-  # rounding; the crop (64, 112) is smaller than some rescaled images and larger than others (padding).
-  config = _config(ratio_range=(0.6, 1.3), photometric=False)
+  # The crop (64, 112) is smaller than some rescaled images and larger than others (padding).
+  config = _config(ratio_range=(0.5, 2.0), photometric=False)
   source = sources.raw_source('idrid', 'train', data_dir)
   examples = data_pipelines.load('idrid', 'train', data_dir)
   record, example = source[seed % NUM_TRAIN], examples[seed % NUM_TRAIN]
   out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
   image, label = _reference_train_example(record, example, seed, config)
   np.testing.assert_array_equal(out['label'], label)
-  # At most one uint8 level of Pillow rounding.
-  assert (np.abs(out['image'] - image) * np.array(config.std)).max() <= 1.0 + 1e-3
+  assert (np.abs(out['image'] - image) * np.array(config.std)).max() <= 1e-3  # float32 normalisation
   assert out['image'].dtype == np.float32 and out['label'].dtype == np.uint8
 
 
 @pytest.mark.parametrize('ratio', [0.5, 0.3])
 def test_reduced_decode_keeps_image_and_label_aligned(data_dir, ratio):
-  # Ratios <= 1/2 decode the JPEG at 1/2 (or 1/4) scale before the dihedral map and the box resize.
-  config = _config(ratio_range=(ratio, ratio), photometric=False, crop_size=SIZE)
+  # Opt-in: ratios <= 1/2 decode the JPEG at 1/2 (or 1/4) scale before the dihedral map and the resize.
+  config = _config(ratio_range=(ratio, ratio), photometric=False, crop_size=SIZE, reduced_decode=True)
   record = sources.raw_source('idrid', 'train', data_dir)[1]
   example = data_pipelines.load('idrid', 'train', data_dir)[1]
   for seed in range(12):
     out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
-    image, label = _reference_train_example(record, example, seed, config)
+    # Compared with the full-size decode resized by the same (antialiased) filter.
+    image, label = _reference_train_example(record, example, seed, config, _pillow_resize)
     np.testing.assert_array_equal(out['label'], label)
     h, w = transforms.rescale_size(transforms.dihedral_size(SIZE, np.random.default_rng(seed).integers(6)),
                                    config.img_scale, ratio)
@@ -107,10 +116,74 @@ def test_reduced_decode_is_close_to_full_decode(data_dir):
   image = data_pipelines.load('idrid', 'test', data_dir)[0]['image']
   scale = (60, 40)  # 96x144 -> 40x60: the JPEG is decoded at 1/2 (48x72)
   assert codecs.open_jpeg(record['image'], min_size=(40, 60))[1] == 2
-  out = pipeline.eval_example(record, img_scale=scale, mean=(0, 0, 0), std=(1, 1, 1))
-  full = transforms.rescale_keep_ratio(image, scale).astype(np.float32)
+  out = pipeline.eval_example(record, img_scale=scale, mean=(0, 0, 0), std=(1, 1, 1),
+                              reduced_decode=True)
+  full = _pillow_resize(image, (40, 60)).astype(np.float32)
   assert out['image'].shape == full.shape == (40, 60, 3)
   assert np.abs(out['image'] - full).mean() < 2.0
+
+
+IDRID_SIZE = (2848, 4288)
+
+
+@pytest.fixture(scope='module')
+def dotted_record():
+  """A full-size IDRiD-like record with 400 tiny dots: dark ones are MA, bright ones EX in the masks."""
+  data, dots = synthetic.dotted_jpeg(IDRID_SIZE, seed=3)
+  masks = [np.zeros(IDRID_SIZE, bool) for _ in range(4)]
+  yy, xx = np.mgrid[-6:7, -6:7]
+  for y, x, r, sign in dots:
+    iy, ix = int(round(y)), int(round(x))
+    disc = (yy + iy - y) ** 2 + (xx + ix - x) ** 2 <= r * r
+    masks[3 if sign < 0 else 0][iy - 6:iy + 7, ix - 6:ix + 7] |= disc
+  return {'id': b'dots', 'image': data, 'mask_bits': codecs.pack_bits(masks),
+          'height': IDRID_SIZE[0], 'width': IDRID_SIZE[1]}
+
+
+def _opencv_image(record):
+  """mmcv.imfrombytes(flag='color'): cv2.imdecode, BGR."""
+  return cv2.imdecode(np.frombuffer(record['image'], np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_test_input_equals_opencv_at_the_idrid_scale(dotted_record):
+  out = pipeline.eval_example(dotted_record, img_scale=(1440, 960), mean=(0, 0, 0), std=(1, 1, 1))
+  # mmcv.imrescale to (1440, 960): (1440, 956) by int(x * scale + 0.5), cv2.resize INTER_LINEAR; RGB.
+  expected = cv2.resize(_opencv_image(dotted_record), (1440, 956), interpolation=cv2.INTER_LINEAR)
+  np.testing.assert_array_equal(out['image'], expected[..., ::-1])
+  reduced = pipeline.eval_example(dotted_record, img_scale=(1440, 960), mean=(0, 0, 0), std=(1, 1, 1),
+                                  reduced_decode=True)
+  assert np.abs(reduced['image'] - expected[..., ::-1]).max() > 20  # the opt-in is another input
+
+
+# The seeds draw every dihedral map k once (transforms.DIHEDRAL_NAMES).
+@pytest.mark.parametrize('ratio,seed,k', [(0.5, 21, 1), (0.5, 3, 4), (1.0, 11, 0), (1.0, 0, 5),
+                                          (2.0, 12, 3), (2.0, 1, 2)])
+def test_train_crop_equals_opencv(dotted_record, ratio, seed, k):
+  crop = (960, 1440)
+  out = pipeline.train_example(dotted_record, np.random.default_rng(seed), img_scale=(1440, 960),
+                               ratio_range=(ratio, ratio), crop_size=crop, mean=(0, 0, 0),
+                               std=(1, 1, 1), photometric=False)
+  # The official order: the (offline) dihedral map of the decoded image, Resize(ratio_range) =
+  # mmcv.imrescale into (int(1440 r), int(960 r)), RandomCrop offsets, Pad; labels nearest.
+  rng = np.random.default_rng(seed)
+  assert int(rng.integers(6)) == k
+  assert rng.uniform(ratio, ratio) == ratio
+  image = np.ascontiguousarray(transforms.dihedral(_opencv_image(dotted_record), k))
+  h, w = image.shape[:2]
+  factor = min(int(1440 * ratio) / max(h, w), int(960 * ratio) / min(h, w))
+  target = (int(w * factor + 0.5), int(h * factor + 0.5))  # (w, h)
+  resized = cv2.resize(image, target, interpolation=cv2.INTER_LINEAR)
+  y0 = int(rng.integers(0, max(target[1] - crop[0], 0) + 1))
+  x0 = int(rng.integers(0, max(target[0] - crop[1], 0) + 1))
+  expected = resized[y0:y0 + crop[0], x0:x0 + crop[1], ::-1]
+  eh, ew = expected.shape[:2]
+  np.testing.assert_array_equal(out['image'][:eh, :ew], expected)
+  assert not out['image'][eh:].any() and not out['image'][:, ew:].any()
+  bits = np.ascontiguousarray(transforms.dihedral(
+      codecs.decode_bits(dotted_record['mask_bits'], IDRID_SIZE), k))
+  bits = cv2.resize(bits, target, interpolation=cv2.INTER_NEAREST)[y0:y0 + crop[0], x0:x0 + crop[1]]
+  np.testing.assert_array_equal(out['label'][:eh, :ew], transforms.labels_from_bits(bits, 'exclusive'))
+  assert out['label'][..., 3].any() and out['label'][..., 0].any()  # dots survive in the crop
 
 
 @pytest.mark.parametrize('label_mode', ['exclusive', 'multilabel'])

@@ -1,8 +1,8 @@
 """The pure transforms against independent statements: NumPy, PyTorch, colorsys, the mmcv formulas."""
 import colorsys
 
+import cv2
 import numpy as np
-from PIL import Image
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,29 +59,43 @@ def _torch_resize(image, size, antialias):
   return y[0].permute(1, 2, 0).numpy()
 
 
-@pytest.mark.parametrize('size', [(53, 77), (120, 200)])
-def test_resize_bilinear_upscale_is_plain_bilinear(size):
+@pytest.mark.parametrize('size', [(53, 77), (120, 200), (20, 17), (10, 30)])
+def test_resize_linear_is_plain_bilinear_both_ways(size):
   image = np.random.default_rng(1).integers(0, 256, (31, 45, 3), dtype=np.uint8)
-  ours = transforms.resize_bilinear(image, size).astype(np.float32)
+  ours = transforms.resize_linear(image, size)
+  assert ours.shape == size + (3,) and ours.dtype == np.uint8
+  # INTER_LINEAR blends the 2x2 nearest pixels also when shrinking (no low-pass): torch bilinear,
+  # align_corners=False, antialias=False, up to OpenCV's 11-bit fixed-point weights and rounding.
+  assert np.abs(ours - _torch_resize(image, size, antialias=False)).max() <= 1.0
+  # and (the official code calls it) OpenCV itself on a non-contiguous view.
+  np.testing.assert_array_equal(transforms.resize_linear(image[:, ::-1], size),
+                                cv2.resize(np.ascontiguousarray(image[:, ::-1]), size[::-1],
+                                           interpolation=cv2.INTER_LINEAR))
+
+
+@pytest.mark.parametrize('size', [(53, 77), (120, 200)])
+def test_resize_antialiased_upscale_is_plain_bilinear(size):
+  image = np.random.default_rng(1).integers(0, 256, (31, 45, 3), dtype=np.uint8)
+  ours = transforms.resize_antialiased(image, size).astype(np.float32)
   assert ours.shape == size + (3,)
   # OpenCV INTER_LINEAR = torch bilinear, align_corners=False, when upscaling (up to uint8 rounding).
   assert np.abs(ours - _torch_resize(image, size, antialias=False)).max() <= 1.0
 
 
-def test_resize_bilinear_downscale_is_antialiased():
+def test_resize_antialiased_downscale_is_antialiased():
   image = np.random.default_rng(2).integers(0, 256, (120, 170, 3), dtype=np.uint8)
-  ours = transforms.resize_bilinear(image, (40, 57)).astype(np.float32)
+  ours = transforms.resize_antialiased(image, (40, 57)).astype(np.float32)
   # torch's antialias=True is the Pillow triangle filter.
   assert np.abs(ours - _torch_resize(image, (40, 57), antialias=True)).max() <= 1.0
 
 
 @pytest.mark.parametrize('target', [(70, 100), (200, 290)])
-def test_resize_bilinear_box_equals_resize_then_crop(target):
+def test_resize_antialiased_box_equals_resize_then_crop(target):
   image = np.random.default_rng(3).integers(0, 256, (97, 141, 3), dtype=np.uint8)
-  full = transforms.resize_bilinear(image, target)
+  full = transforms.resize_antialiased(image, target)
   y0, x0, h, w = 13, 21, 40, 55
   sy, sx = 97 / target[0], 141 / target[1]
-  window = transforms.resize_bilinear(image, (h, w), (x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
+  window = transforms.resize_antialiased(image, (h, w), (x0 * sx, y0 * sy, (x0 + w) * sx, (y0 + h) * sy))
   # The same filter taps; Pillow's 8-bit fixed-point weights can round a few pixels the other way.
   diff = np.abs(window.astype(int) - full[y0:y0 + h, x0:x0 + w])
   assert diff.max() <= 1 and diff.mean() < 0.01
@@ -99,11 +113,20 @@ def test_resize_nearest_matches_torch_nearest(size):
                                              size[1] // 4:size[1] // 4 + size[1] // 2])
 
 
+@pytest.mark.parametrize('size', [(956, 1440), (1913, 2880), (478, 720), (97, 301)])
+def test_resize_nearest_matches_opencv(size):
+  # mmcv.imrescale(label, interpolation='nearest') is cv2.resize(INTER_NEAREST).
+  bits = np.random.default_rng(14).integers(0, 32, (2848 // 4, 4288 // 4), dtype=np.uint8)
+  np.testing.assert_array_equal(transforms.resize_nearest(bits, size),
+                                cv2.resize(bits, size[::-1], interpolation=cv2.INTER_NEAREST))
+
+
 def test_rescale_keep_ratio():
   image = np.random.default_rng(5).integers(0, 256, (64, 96, 3), dtype=np.uint8)
   out = transforms.rescale_keep_ratio(image, (48, 40))
   assert out.shape == (32, 48, 3)
-  np.testing.assert_array_equal(out, np.asarray(Image.fromarray(image).resize((48, 32), Image.BILINEAR)))
+  # mmcv.imrescale: the mmcv size, then cv2.resize INTER_LINEAR.
+  np.testing.assert_array_equal(out, cv2.resize(image, (48, 32), interpolation=cv2.INTER_LINEAR))
 
 
 def test_random_crop_box_bounds_and_coverage():
@@ -149,6 +172,14 @@ def test_dihedral_maps_are_the_six_index_maps_on_image_and_labels():
     assert transforms.dihedral_size((h, w), k) == shape
 
 
+def test_dihedral_copy_equals_dihedral():
+  image = np.random.default_rng(15).integers(0, 256, (7, 12, 3), dtype=np.uint8)
+  for k in range(6):
+    out = transforms.dihedral_copy(image, k)
+    np.testing.assert_array_equal(out, transforms.dihedral(image, k))
+    assert out.flags.c_contiguous
+
+
 def test_dihedral_window_maps_a_crop_back():
   rng = np.random.default_rng(13)
   array = rng.integers(0, 256, (9, 14, 2))
@@ -182,7 +213,8 @@ def test_hsv_to_rgb_matches_colorsys():
   ours = transforms.hsv_to_rgb(hsv[None])[0].astype(np.float64)
   for (h, s, v), rgb in zip(hsv, ours):
     expected = np.array(colorsys.hsv_to_rgb(h / 180, s / 255, v / 255)) * 255
-    assert np.abs(rgb - expected).max() <= 0.5 + 1e-3
+    # OpenCV's 8-bit HSV2RGB (mmcv.hsv2bgr) is within 1 level of exact, not 1/2 (1.0 over all inputs).
+    assert np.abs(rgb - expected).max() <= 1.0 + 1e-3
 
 
 def test_photometric_single_ops_match_statements():
@@ -233,6 +265,12 @@ def test_normalize_and_pad():
   out = transforms.normalize(image, mean, std)
   assert out.dtype == np.float32
   np.testing.assert_allclose(out, (image - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+  # mmseg Normalize(to_rgb=True) on the BGR image: mmcv.imnormalize_ as written in mmcv 1.2.
+  official = image[..., ::-1].astype(np.float32)
+  cv2.cvtColor(official, cv2.COLOR_BGR2RGB, official)
+  cv2.subtract(official, np.float64(np.array(mean, np.float32).reshape(1, -1)), official)
+  cv2.multiply(official, 1 / np.float64(np.array(std, np.float32).reshape(1, -1)), official)
+  np.testing.assert_array_equal(out, official)
   padded = transforms.pad_to(out, (10, 12))
   assert padded.shape == (10, 12, 3)
   np.testing.assert_array_equal(padded[:6, :9], out)

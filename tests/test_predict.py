@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import cv2
 from flax import nnx
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +157,15 @@ def test_sliding_window_averages_logits_of_overlapping_windows():
     if y + window[0] >= 23:
       break
   np.testing.assert_allclose(got, 1 / (1 + np.exp(-total / hits)), atol=1e-5)
+
+
+def test_read_image_is_mmcv_imread(tmp_path):
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (20, 30, 3), np.uint8)).save(tmp_path / 'a.jpg', quality=90)
+  Image.fromarray(rng.integers(0, 65536, (20, 30), np.uint16)).save(tmp_path / 'b.png')  # 16-bit grey
+  for name in ('a.jpg', 'b.png'):
+    # mmcv.imread(path, 'color') = cv2.imread(IMREAD_COLOR), BGR; ours is RGB.
+    expected = cv2.imread(str(tmp_path / name), cv2.IMREAD_COLOR)[..., ::-1]
+    np.testing.assert_array_equal(predict.read_image(tmp_path / name), expected)
+  with pytest.raises(ValueError, match='missing.png'):
+    predict.read_image(tmp_path / 'missing.png')

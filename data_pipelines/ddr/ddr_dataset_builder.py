@@ -42,7 +42,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    root = records.find_root(dl_manager.manual_dir, TOP, LAYOUT)
+    root = records.find_root(dl_manager.manual_dir, TOP, LAYOUT, required=tuple(SPLITS.values()))
     return {split: self._generate_examples(root / folder) for split, folder in SPLITS.items()}
 
   def _generate_examples(self, split_dir):

@@ -16,7 +16,8 @@ LAYOUT = f"""  {TOP}/
     {IMAGES}/{{a. Training Set, b. Testing Set}}/IDRiD_NN.jpg
     {GROUNDTRUTHS}/{{a. Training Set, b. Testing Set}}/
       1. Microaneurysms/IDRiD_NN_MA.tif   2. Haemorrhages/IDRiD_NN_HE.tif
-      3. Hard Exudates/IDRiD_NN_EX.tif    4. Soft Exudates/IDRiD_NN_SE.tif   5. Optic Disc/IDRiD_NN_OD.tif"""
+      3. Hard Exudates/IDRiD_NN_EX.tif    4. Soft Exudates/IDRiD_NN_SE.tif
+      5. Optic Disc/IDRiD_NN_OD.tif       (optional: stored if present, used by nothing)"""
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -29,7 +30,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   (https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid), unzip it and
   pass the folder that holds (or is) "{TOP}" as manual_dir:
 {LAYOUT}
-  A missing mask file means the image has no lesion of that type (SE: 26 train / 14 test files).
+  A missing mask file means the image has no lesion of that type (SE: 26 train / 14 test files); the
+  "5. Optic Disc" folder may be left out.
   """
 
   def _info(self):
@@ -47,7 +49,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    root = records.find_root(dl_manager.manual_dir, TOP, LAYOUT)
+    root = records.find_root(dl_manager.manual_dir, TOP, LAYOUT, required=(IMAGES, GROUNDTRUTHS))
     return {split: self._generate_examples(root, folder) for split, folder in SPLITS.items()}
 
   def _generate_examples(self, root, folder):
@@ -59,8 +61,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     stems = {p.stem for p in images}
     mask_dirs = []
     for name, suffix in LESION_FOLDERS + (OPTIC_DISC_FOLDER,):
-      mask_dir = records.require_dir(mask_root / name, LAYOUT)
-      records.check_masks_have_images(mask_dir, f'_{suffix}.tif', image_dir, stems)
+      mask_dir = mask_root / name
+      if suffix != OPTIC_DISC_FOLDER[1] or mask_dir.is_dir():  # no optic disc folder: no OD masks
+        records.require_dir(mask_dir, LAYOUT)
+        records.check_masks_have_images(mask_dir, f'_{suffix}.tif', image_dir, stems)
       mask_dirs.append((mask_dir, suffix))
     for image in images:
       paths = [d / f'{image.stem}_{suffix}.tif' for d, suffix in mask_dirs]
