@@ -163,10 +163,6 @@ class Sequential(nnx.Module):
     return x
 
 
-def relu(x):
-  return jax.nn.relu(x)
-
-
 def resize_bilinear(x, size: Sequence[int]):
   """torch bilinear interpolation, align_corners=False, no antialiasing: (N, H, W, C) -> (N, h, w, C)."""
   size = tuple(int(s) for s in size)

@@ -171,7 +171,7 @@ def test_remat_gives_same_outputs_gradients_and_bn_updates():
   results = []
   for remat in (False, True):
     module = nnx.merge(graphdef, state)  # an HRModule in train mode, same weights and statistics
-    loss = lambda m, remat=remat: sum(jnp.mean(jnp.square(y)) for y in hrnet.call(m, xs, remat))
+    loss = lambda m, remat=remat: sum(jnp.mean(jnp.square(y)) for y in hrnet.remat_call(m, xs, remat))
     value, grads = nnx.jit(nnx.value_and_grad(loss))(module)
     results.append((value, grads, nnx.state(module, nnx.BatchStat)))
   (v0, g0, s0), (v1, g1, s1) = results

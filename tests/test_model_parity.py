@@ -19,6 +19,7 @@ import torch
 
 from configs import common
 from m2mrf_jax import convert
+from m2mrf_jax import hrnet
 from m2mrf_jax import models
 from tests import torch_reference
 
@@ -85,7 +86,7 @@ def nhwc(y):
   return y.detach().numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(scope='module', params=common.VARIANTS)
+@pytest.fixture(scope='module', params=hrnet.VARIANTS)
 def converted(request):
   """(variant, randomized W18 torch segmentor in eval mode, the converted NNX model)."""
   variant = request.param
@@ -100,7 +101,7 @@ def images(size, seed):
   return np.random.default_rng(seed).standard_normal((2, *size, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize('variant', common.VARIANTS)
+@pytest.mark.parametrize('variant', hrnet.VARIANTS)
 def test_w48_counts_equal_the_official_model(variant):
   with torch.device('meta'):
     reference = torch_reference.build_torch_model(variant, width=48)

@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 
 from configs import common
+from data_pipelines.lesions import CLASSES
 from m2mrf_jax import predict
 from m2mrf_jax import visualize
 
@@ -97,10 +98,10 @@ def test_run_writes_maps_masks_overlays_and_skips_a_corrupt_file(tmp_path, capsy
     assert overlay.shape == source.shape
     for c, (y, x) in marks.items():
       np.testing.assert_array_equal(overlay[y, x], visualize.COLORS[c])
-      with Image.open(out / f'{stem}_prob_{predict.metrics.CLASSES[c]}.png') as png:
+      with Image.open(out / f'{stem}_prob_{CLASSES[c]}.png') as png:
         assert png.mode.startswith('I;16') and png.size == (source.shape[1], source.shape[0])
         prob = np.asarray(png, np.float64) / 65535
-      mask = np.asarray(Image.open(out / f'{stem}_mask_{predict.metrics.CLASSES[c]}.png'))
+      mask = np.asarray(Image.open(out / f'{stem}_mask_{CLASSES[c]}.png'))
       assert prob[y, x] > 0.99 and prob[2, 2] < 0.01  # lesion block vs grey background
       np.testing.assert_array_equal(mask > 0, prob > 0.5)
     np.testing.assert_array_equal(overlay[2, 2], [100, 100, 100])  # background keeps the image
