@@ -149,7 +149,7 @@ def train_iterator(data_config, data_dir, *, batch_size, seed):
 
   Args:
     data_config: the `data` section of the config.
-    data_dir: the TFDS data_dir (`data_pipelines.prepare`).
+    data_dir: the TFDS data_dir (`prepare.prepare`).
     batch_size: the global batch; this process yields batch_size // jax.process_count() examples.
     seed: the data seed.
 

@@ -26,10 +26,11 @@ from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import metrics
 from m2mrf_jax import report
 from m2mrf_jax import summary
+from m2mrf_jax import visualize
 
 
 def make_eval_step(graphdef, edges, mesh: Mesh):
-  """The jitted counting step: (total, state, images, masks, valid) -> total.
+  """The jitted counting step: (total, state, images, masks, valid) -> (total, logits at the input size).
 
   Args:
     graphdef: the model's graph definition (eval mode).
@@ -39,10 +40,10 @@ def make_eval_step(graphdef, edges, mesh: Mesh):
   def step(total, state, images, masks, valid):
     logits = nnx.merge(graphdef, state)(images)
     probs = jax.nn.sigmoid(layers.resize_bilinear(logits, masks.shape[1:3]))
-    return metrics.count(total, probs, masks, valid, edges, 'data')
+    return metrics.count(total, probs, masks, valid, edges, 'data'), logits
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'), P('data')),
-                          out_specs=P(), check_vma=False)
+                          out_specs=(P(), P('data')), check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -89,18 +90,40 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   rows = NamedSharding(mesh, P('data'))
   batch_size = config.eval_batch_size * mesh.size
   reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
-  num_images = 0
+  num_images, first = 0, None
   for batch in same_size_batches(reader, batch_size):
     arrays = jax.device_put(_stack(batch, batch_size), rows)
-    counts.total = step(counts.total, state, *arrays)
+    counts.total, logits = step(counts.total, state, *arrays)
+    if first is None:
+      first = batch[0], logits
     num_images += len(batch)
     logging.log_every_n_seconds(logging.INFO, 'evaluation: %d images', 30, num_images)
   result = counts.result()
   result['num_images'] = int(np.sum(_all_processes(num_images)))
   if not result['num_images']:
     raise ValueError('evaluation got no images')
+  if first is not None:
+    result['overlay'] = overlay_panel(first[0], np.asarray(first[1][0]), config.data)
   logging.info('evaluated %d images', result['num_images'])
   return result
+
+
+def overlay_panel(example, logits, data_config):
+  """Ground truth | prediction (prob > 0.5) painted on one example at the test scale, uint8 (h, 2w, 3).
+
+  Args:
+    example: an `eval_example` (normalised image at the test scale, masks at the original size).
+    logits: (h, w, C) the model's logits for it.
+    data_config: `config.data` (mean, std to undo the normalisation).
+  """
+  image = example['image'] * np.asarray(data_config.std) + np.asarray(data_config.mean)
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  h, w = image.shape[:2]
+  masks = example['masks']
+  rows = np.arange(h) * masks.shape[0] // h  # nearest (OpenCV's rule) down to the test scale
+  cols = np.arange(w) * masks.shape[1] // w
+  truth = masks[rows[:, None], cols[None, :]]
+  return np.concatenate([visualize.overlay(image, truth), visualize.overlay(image, logits > 0)], 1)
 
 
 def _local_copy(x):

@@ -50,7 +50,8 @@ def scalars(scores: dict) -> dict:
 def write(scores: dict, workdir, writer=None, step: int = 0) -> None:
   """Prints the table, writes metrics.json and pr_curves.png into `workdir` (process 0 only).
 
-  With a `summary.Writer`, the PR curves also go to TensorBoard as the image 'pr_curves' at `step`.
+  With a `summary.Writer`, the PR curves also go to TensorBoard as the image 'pr_curves' at `step`,
+  and `scores['overlay']` (`evaluate.overlay_panel`), if present, as the image 'overlay'.
   """
   if jax.process_index() != 0:
     return
@@ -62,4 +63,6 @@ def write(scores: dict, workdir, writer=None, step: int = 0) -> None:
   figure.savefig(workdir / PR_CURVES_FILE, dpi=100)
   if writer is not None:
     writer.write_image(step, 'pr_curves', visualize.to_array(figure))
+    if 'overlay' in scores:
+      writer.write_image(step, 'overlay', scores['overlay'])
   logging.info('wrote %s and %s in %s', METRICS_FILE, PR_CURVES_FILE, workdir)

@@ -177,6 +177,7 @@ def test_load_unbuilt_says_how_to_build(tmp_path):
     sources.load('idrid', 'train', tmp_path)
 
 
+@pytest.mark.slow
 def test_build_command(downloads, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'data_pipelines.build', 'ddr', f'--manual_dir={downloads["ddr"]}',

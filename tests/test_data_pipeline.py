@@ -225,6 +225,7 @@ def test_iterator_state_round_trips_through_orbax(data_dir, tmp_path):
   _assert_same(expected, _take(restored['data'], 2))
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches_and_resume(data_dir):
   config = _config()
   expected = _take(pipeline.train_iterator(config, data_dir, batch_size=2, seed=5), 5)

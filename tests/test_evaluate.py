@@ -16,8 +16,11 @@ from m2mrf_jax import evaluate
 from m2mrf_jax import metrics
 from m2mrf_jax import report
 from m2mrf_jax import summary
+from m2mrf_jax import visualize
 from tests.test_metrics import official_metrics
 from tests.tb_events import read_events
+
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
 
 class StandIn(nnx.Module):
@@ -74,6 +77,17 @@ def test_score_equals_reference_on_8_devices():
   masks = [e['masks'] for e in examples]
   np.testing.assert_allclose(metrics.score_maps(probs, masks)['aupr_fine'], got['aupr_fine'], rtol=1e-4)
   assert model.bn.use_running_average is False  # the caller's module stays in train mode
+  # The first image, ground truth | prediction, at the test scale.
+  first = examples[0]
+  image = np.clip(np.round(first['image'] * np.array(config.data.std) + np.array(config.data.mean)), 0, 255)
+  image = image.astype(np.uint8)
+  predicted = reference_probs(model, first['image'], first['image'].shape[:2]) > 0.5
+  truth = torch.nn.functional.interpolate(  # nearest: source index floor(i * 24 / 10), as OpenCV
+      torch.from_numpy(first['masks'].astype(np.uint8)).permute(2, 0, 1)[None], size=(10, 15),
+      mode='nearest')[0].permute(1, 2, 0).numpy().astype(bool)
+  assert got['overlay'].shape == (10, 30, 3)
+  np.testing.assert_array_equal(got['overlay'][:, :15], visualize.overlay(image, truth))
+  np.testing.assert_array_equal(got['overlay'][:, 15:], visualize.overlay(image, predicted))
 
 
 def test_same_size_batches_groups_consecutive_sizes():

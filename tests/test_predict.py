@@ -13,6 +13,8 @@ from data_pipelines.lesions import CLASSES
 from m2mrf_jax import predict
 from m2mrf_jax import visualize
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
+
 # Marker colours and the class each one lights up (EX, HE, SE, MA).
 MARKERS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255), 3: (255, 255, 255)}
 
@@ -120,6 +122,7 @@ def test_overlay_paints_later_classes_on_top():
   np.testing.assert_array_equal(out[1, 1], [0, 0, 0])
 
 
+@pytest.mark.slow
 def test_cli_rejects_an_empty_checkpoint(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'm2mrf_jax.predict', '--config=configs/idrid_c.py', '--checkpoint=',

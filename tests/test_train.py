@@ -32,6 +32,7 @@ from m2mrf_jax import train
 from tests.tb_events import read_events
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
 SIZE = 8  # image side
 
@@ -110,12 +111,9 @@ def test_sharded_step_equals_single_device_step():
   assert not np.allclose(_leaves(sharded)[0], _leaves(models.build(config.model, nnx.Rngs(0)))[0])
 
 
-def test_jitted_initialisation_equals_eager_and_is_replicated():
+def test_initial_state_is_replicated_on_every_device():
   config = _config()
   model, optimizer = train.create_model_and_optimizer(config, mesh_lib.make_mesh())
-  eager = models.build(config.model, nnx.Rngs(config.seed))
-  for a, b in zip(_leaves(model), _leaves(eager)):
-    np.testing.assert_array_equal(a, b)
   for leaf in jax.tree.leaves(nnx.state((model, optimizer))):
     assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
 
@@ -318,3 +316,24 @@ def test_summary_writer_jsonl_and_tensorboard_events(tmp_path):
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string))),
                                 image)
   assert all(e.wall_time > 1e9 for e in events)
+
+
+@pytest.mark.slow
+def test_demo_job_end_to_end(tmp_path):
+  """main -> train_and_evaluate with the real data, model and evaluation: the demo, 2 steps, tiny data."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'm2mrf_jax.main', '--config=configs/demo.py', f'--workdir={tmp_path}',
+       '--config.num_train_steps=2', '--config.log_every_steps=1', '--config.batch_size=2',
+       '--config.data.synthetic_num_train=2', '--config.data.synthetic_num_test=1',
+       '--config.data.synthetic_image_size=(64, 96)', '--config.data.img_scale=(96, 64)',
+       '--config.data.crop_size=(64, 64)'],
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+  assert [r['step'] for r in records if 'loss' in r] == [1, 2]
+  scores = json.loads((tmp_path / 'metrics.json').read_text())
+  assert scores['num_images'] == 1 and records[-1]['mAUPR'] == pytest.approx(scores['mAUPR'])
+  assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == 2
+  assert checkpoints.read_meta(tmp_path)['step'] == 2
+  assert [v.tag for e in read_events(tmp_path) for v in e.summary.value if v.HasField('image')] == [
+      'pr_curves', 'overlay']
