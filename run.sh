@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment with the pinned stack, then runs one of:
 #   ./run.sh            the demo: HRNet-W18 M2MRF-C trained and evaluated on synthetic fundus data
-#   ./run.sh test       the test suite
+#   ./run.sh test       the whole test suite, both tiers (add -m "not slow" for the fast tier only)
 #   ./run.sh ARGS...    python -m m2mrf_jax.main ARGS... (e.g. --config=configs/idrid_c.py --workdir=DIR)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,6 +15,6 @@ fi
 . "$VENV/bin/activate"
 case "${1:-demo}" in
   demo) exec python -m m2mrf_jax.main --config=configs/demo.py --workdir="${WORKDIR:-workdir/demo}" ;;
-  test) shift; exec python -m pytest -n 2 "$@" ;;
+  test) shift; exec python -m pytest -n 2 -m "slow or not slow" "$@" ;;
   *) exec python -m m2mrf_jax.main "$@" ;;
 esac

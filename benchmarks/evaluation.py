@@ -7,7 +7,7 @@ Each approach runs in its own subprocess on the same synthetic probability maps 
 excluded), its peak resident memory (ru_maxrss) and its scores, printed side by side.
   official   my_metrics.py's sigmoid_metrics: a list of (4, H, W) float32 maps and (H, W) label maps,
              then for each of 11 thresholds, each image and each class `prob > t` counted with NumPy.
-  streaming  m2mrf_jax.metrics.Counter: one jitted histogram update per image on the default device,
+  streaming  m2mrf_jax.metrics.PooledCounts: one jitted histogram update per image on the default device,
              the map dropped after its update; 11 official and 1001 fine thresholds in the same pass.
 """
 import argparse
@@ -19,8 +19,6 @@ import sys
 import time
 
 import numpy as np
-
-CLASSES = ('EX', 'HE', 'SE', 'MA')
 
 
 def make_example(index, height, width):
@@ -69,10 +67,10 @@ def official(args):
 
 
 def streaming(args):
-  """m2mrf_jax.metrics.Counter over the same maps, one image at a time; returns (seconds, scores)."""
+  """m2mrf_jax.metrics.PooledCounts over the same maps, one image at a time; returns (seconds, scores)."""
   import jax  # pylint: disable=g-import-not-at-top
   from m2mrf_jax import metrics  # pylint: disable=g-import-not-at-top
-  counter = metrics.Counter()
+  counter = metrics.PooledCounts()
   total = 0.0
   for i in range(args.images):
     probs, label = make_example(i, args.height, args.width)

@@ -19,12 +19,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from configs.common import model_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+from m2mrf_jax import hrnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _WIDTH = flags.DEFINE_integer('width', 48, 'HRNetV2 width: 18, 32 or 48.')
 _SIZE = flags.DEFINE_integer('size', 512, 'Square input size in pixels.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Images per forward.')
-_VARIANTS = flags.DEFINE_list('variants', ['base', 'a', 'b', 'c', 'd'], 'Variants to time.')
+_VARIANTS = flags.DEFINE_list('variants', list(hrnet.VARIANTS), 'Variants to time.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed forwards per model (median reported).')
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time tests/torch_reference.py.')
 

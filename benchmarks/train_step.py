@@ -16,6 +16,7 @@ import numpy as np
 
 from configs import common
 from m2mrf_jax import losses
+from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import train
 
 
@@ -29,12 +30,12 @@ def measure(variant, width, crop, batch_size, steps, bf16, remat):
   config.model.width, config.model.dtype, config.model.remat = width, (
       'bfloat16' if bf16 else 'float32'), remat
   config.batch_size, config.num_train_steps = batch_size, 1000
-  mesh = train.make_mesh()
+  mesh = mesh_lib.make_mesh()
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
-  step = train.make_train_step(graphdef, losses.dice_loss, losses.poly_schedule(config), 1, mesh)
+  step = train.make_train_step(graphdef, losses.dice_loss, mesh)
   rng = np.random.default_rng(0)
-  batch = train.global_batch(mesh, {
+  batch = mesh_lib.global_batch(mesh, {
       'image': rng.normal(size=(batch_size, crop, crop, 3)).astype(np.float32),
       'label': (rng.random((batch_size, crop, crop, 4)) < 0.01).astype(np.uint8)})
   start = time.perf_counter()
@@ -43,12 +44,12 @@ def measure(variant, width, crop, batch_size, steps, bf16, remat):
   analysis = compiled.memory_analysis()
   compiled_gib = ((analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2**30
                   if analysis is not None else float('nan'))
-  state, metrics = compiled(state, batch)
-  metrics['loss'].block_until_ready()
+  state, loss = compiled(state, batch)
+  loss.block_until_ready()
   start = time.perf_counter()
   for _ in range(steps):
-    state, metrics = compiled(state, batch)
-  metrics['loss'].block_until_ready()
+    state, loss = compiled(state, batch)
+  loss.block_until_ready()
   images_per_s = steps * batch_size / (time.perf_counter() - start)
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use', float('nan')) / 2**30

@@ -1,10 +1,9 @@
 """The official M2MRF recipe (configs/m2mrf/fcn_hr48-M2MRF-*_{40k_idrid,60k_ddr}_bdice.py), shared.
 
-Every dataset/variant file calls `get_config(dataset, variant)` and may override fields.
+Every dataset/variant file calls `get_config(dataset, variant)` and may override fields. The config
+is locked: setting a key it does not have raises (with "Did you mean ..."), so does `--config.KEY=`.
 """
 import ml_collections
-
-VARIANTS = ('base', 'a', 'b', 'c', 'd')
 
 # Per-dataset constants of the official configs (configs/_base_/datasets/{idrid,ddr}.py).
 DATASETS = {
@@ -29,10 +28,8 @@ DATASETS = {
 
 def model_config(variant='c', width=48):
   """The `model` section: fully describes the network."""
-  if variant not in VARIANTS:
-    raise ValueError(f'model.variant must be one of {VARIANTS}, got {variant!r}')
   m = ml_collections.ConfigDict()
-  m.variant = variant  # base | a | b | c | d
+  m.variant = variant  # base | a | b | c | d (m2mrf_jax.hrnet.VARIANTS)
   m.width = width  # HRNetV2 width: 18, 32 or 48
   m.num_classes = 4  # EX, HE, SE, MA; sigmoid per class, no background channel
   m.patch_size = 8  # S: M2MRF patch size (official m2mrf_patch_size=(8, 8))
@@ -92,4 +89,5 @@ def get_config(dataset='idrid', variant='c'):
   config.eval_split = config.data.eval_split
   config.eval_batch_size = 1  # images per device at evaluation (whole-image inference)
   config.aupr_fine_thresholds = 1001  # the extra, finer AUPR column
+  config.lock()
   return config

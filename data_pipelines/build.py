@@ -21,6 +21,15 @@ def builder(name, data_dir):
   return BUILDERS[name](data_dir=os.path.expanduser(os.fspath(data_dir)), file_format='array_record')
 
 
+def not_built_error(name, data_dir, reason=''):
+  """The FileNotFoundError for dataset `name` missing from `data_dir`, saying how to build it."""
+  return FileNotFoundError(
+      f'{name} is not built in {data_dir}{" " + reason if reason else ""}. Build it once with\n'
+      f'  python -m data_pipelines.build {name} --manual_dir=DOWNLOAD --data_dir={data_dir}\n'
+      'or set data.manual_dir to the unpacked download (built on first use), or data.synthetic=True '
+      'for synthetic data.')
+
+
 def build(name, manual_dir, data_dir):
   """Reads the download in `manual_dir` and writes dataset `name` into `data_dir`; returns the builder."""
   dataset = builder(name, data_dir)

@@ -9,7 +9,6 @@ resized (nearest), which equals resizing them whole. The opt-in `reduced_decode`
 1/4 or 1/8 scale (DCT scaling) when the rescaled image is that small and resizes only the crop window
 with Pillow's antialiased bilinear: faster, but not the official input (README).
 """
-import collections.abc
 import dataclasses
 
 from absl import flags
@@ -133,9 +132,7 @@ class TrainTransform(grain.transforms.RandomMap):
 
 def train_transform(data_config):
   """The `TrainTransform` of a `data` config section."""
-  if data_config.label_mode not in transforms.LABEL_TABLES:
-    raise ValueError(f'data.label_mode must be one of {tuple(transforms.LABEL_TABLES)}, '
-                     f'got {data_config.label_mode!r}')
+  transforms.check_label_mode(data_config.label_mode)  # here, not first in a worker
   return TrainTransform(
       img_scale=tuple(data_config.img_scale), ratio_range=tuple(data_config.ratio_range),
       crop_size=tuple(data_config.crop_size), mean=tuple(data_config.mean),
@@ -178,7 +175,7 @@ def train_iterator(data_config, data_dir, *, batch_size, seed):
 
   Args:
     data_config: the `data` section of the config.
-    data_dir: the TFDS data_dir (`data_pipelines.prepare`).
+    data_dir: the TFDS data_dir (`prepare.prepare`).
     batch_size: the global batch; this process yields batch_size // jax.process_count() examples.
     seed: the data seed.
 
@@ -189,34 +186,23 @@ def train_iterator(data_config, data_dir, *, batch_size, seed):
                             process_index=jax.process_index(), process_count=jax.process_count()))
 
 
-class EvalExamples(collections.abc.Sequence):
-  """A process's share of a split as evaluation examples (`eval_example`), decoded on access."""
-
-  def __init__(self, source, indices, transform):
-    self._source, self._indices, self._transform = source, indices, transform
-
-  def __len__(self):
-    return len(self._indices)
-
-  def __getitem__(self, index):
-    return self._transform(self._source[self._indices[index]])
-
-
-def eval_examples(data_config, data_dir, split, *, process_index=None, process_count=None):
-  """The examples of `split` for process `process_index` of `process_count` (default: this JAX process).
+def eval_dataset(data_config, data_dir, split, *, process_index=None, process_count=None):
+  """The `eval_example`s of `split` for process `process_index` of `process_count` (default: this one).
 
   Process p gets examples p, p + count, p + 2 count, ...: the shares are disjoint and cover the split.
 
   Returns:
-    a sequence of `eval_example` dicts, in the split's order.
+    a `grain.MapDataset` of `eval_example` dicts in the split's order (`len`, indexing; read it with
+    `.to_iter_dataset(grain.ReadOptions(...))` to decode ahead in threads).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   source = sources.raw_source(data_config.name, split, data_dir)
-
-  def transform(record):
-    return eval_example(record, img_scale=tuple(data_config.img_scale), mean=data_config.mean,
-                        std=data_config.std, label_mode=data_config.label_mode,
-                        reduced_decode=bool(data_config.reduced_decode))
-
-  return EvalExamples(source, range(process_index, len(source), process_count), transform)
+  if not len(source):
+    raise ValueError(f'split {split!r} of {data_config.name} in {data_dir} has no examples')
+  transforms.check_label_mode(data_config.label_mode)
+  return (grain.MapDataset.source(source)[process_index::process_count]
+          .map(lambda record: eval_example(
+              record, img_scale=tuple(data_config.img_scale), mean=data_config.mean,
+              std=data_config.std, label_mode=data_config.label_mode,
+              reduced_decode=bool(data_config.reduced_decode))))

@@ -1,6 +1,5 @@
 """Random access to a built split: raw records for the pipelines, decoded examples for everyone else."""
-import collections.abc
-
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -22,9 +21,7 @@ def raw_source(name, split, data_dir):
   """
   builder = build.builder(name, data_dir)
   if not builder.is_prepared():
-    raise FileNotFoundError(
-        f'{name} is not built in {builder.data_dir}. Build it from the download with\n'
-        f'  python -m data_pipelines.build {name} --manual_dir=DOWNLOAD --data_dir={data_dir}')
+    raise build.not_built_error(name, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f'{name} has splits {tuple(builder.info.splits)}, not {split!r}')
   return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
@@ -44,21 +41,9 @@ def decode(record):
   return example
 
 
-class Examples(collections.abc.Sequence):
-  """A split as a sequence of decoded examples (`decode`), read on access."""
-
-  def __init__(self, source):
-    self._source = source
-
-  def __len__(self):
-    return len(self._source)
-
-  def __getitem__(self, index):
-    if not -len(self) <= index < len(self):
-      raise IndexError(f'index {index} out of range for {len(self)} examples')
-    return decode(self._source[index % len(self)])
-
-
 def load(name, split, data_dir):
-  """The decoded examples of a built split: `Examples(raw_source(name, split, data_dir))`."""
-  return Examples(raw_source(name, split, data_dir))
+  """The decoded examples (`decode`) of a built split, read on access: a `grain.MapDataset`.
+
+  `len(examples)`, `examples[i]` (as grain, an index wraps around modulo the length) and iteration.
+  """
+  return grain.MapDataset.source(raw_source(name, split, data_dir)).map(decode)

@@ -10,7 +10,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-NUM_CLASSES = 4  # EX, HE, SE, MA
+from data_pipelines.lesions import CLASSES
+
+NUM_CLASSES = len(CLASSES)
 
 # Dihedral maps of the official offline augmentation (tools/augment.py); rot90 is counter-clockwise.
 DIHEDRAL_NAMES = ('identity', 'rot90', 'rot180', 'rot270', 'hflip', 'vflip')
@@ -218,6 +220,13 @@ def _label_tables():
 LABEL_TABLES = _label_tables()
 
 
+def check_label_mode(mode):
+  """Returns `mode` if it is a label mode ('exclusive' or 'multilabel'), else raises naming the setting."""
+  if mode not in LABEL_TABLES:
+    raise ValueError(f'data.label_mode must be one of {tuple(LABEL_TABLES)}, got {mode!r}')
+  return mode
+
+
 def labels_from_bits(bits, mode):
   """Bit flags (..., ) uint8 -> targets (..., 4) uint8 in {0, 1}.
 
@@ -225,6 +234,4 @@ def labels_from_bits(bits, mode):
     bits: uint8 flags, bit 0 EX, bit 1 HE, bit 2 SE, bit 3 MA (higher bits ignored).
     mode: 'exclusive' (official label map, MA > SE > HE > EX on overlaps, one-hot) or 'multilabel'.
   """
-  if mode not in LABEL_TABLES:
-    raise ValueError(f'data.label_mode must be one of {tuple(LABEL_TABLES)}, got {mode!r}')
-  return LABEL_TABLES[mode][bits].view(np.uint8).reshape(bits.shape + (NUM_CLASSES,))
+  return LABEL_TABLES[check_label_mode(mode)][bits].view(np.uint8).reshape(bits.shape + (NUM_CLASSES,))

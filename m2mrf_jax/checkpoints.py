@@ -15,10 +15,11 @@ from etils import epath
 from flax import nnx
 import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from m2mrf_jax import mesh as mesh_lib
 
 # Model config keys that change the parameter tree; dtype and remat do not.
 STRUCTURE_KEYS = ('variant', 'width', 'num_classes', 'patch_size', 'encode_rate', 'fc_rate')
@@ -47,12 +48,6 @@ def check_model_config(directory, saved, wanted):
     raise ValueError(
         f'checkpoint at {directory} is {_describe(saved)}; config asks for {_describe(wanted)}'
         f' [{details}]')
-
-
-def replicated_sharding():
-  """Parameters live replicated on every device of every process."""
-  mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-  return NamedSharding(mesh, P())
 
 
 def _abstract(tree, sharding=None):
@@ -117,7 +112,7 @@ def restore_model(directory, model_config, step=None, sharding=None):
     check_model_config(directory, meta['model'], model_config)
     abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract_model)
-    target = _abstract(nnx.to_pure_dict(state), sharding or replicated_sharding())
+    target = _abstract(nnx.to_pure_dict(state), sharding or mesh_lib.replicated(mesh_lib.make_mesh()))
     restored = manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(target))).model
   nnx.replace_by_pure_dict(state, restored)
@@ -128,11 +123,10 @@ class TrainCheckpointer:
   """The training checkpoint manager: full state, last k + best by mAUPR, save on SIGTERM.
 
   Usage:
-    ckpt = TrainCheckpointer(workdir, config)
-    step = ckpt.restore(model, optimizer, data_iterator)   # 0 when the workdir is empty
-    ... ckpt.save(step, model, optimizer, data_iterator) ...
-    if ckpt.preempted(step): ckpt.save(..., force=True); stop
-    ckpt.close()
+    with TrainCheckpointer(workdir, config) as ckpt:
+      step = ckpt.restore(model, optimizer, data_iterator)   # 0 when the workdir is empty
+      ... ckpt.save(step, model, optimizer, data_iterator) ...
+      if ckpt.preempted(step): ckpt.save(...); stop
   """
 
   def __init__(self, directory, config, *, keep=None, best_metric='mAUPR',
@@ -235,9 +229,6 @@ class TrainCheckpointer:
     nnx.update(optimizer, opt_state)
     return int(meta['step'])
 
-  def wait(self):
-    self.manager.wait_until_finished()
-
   def close(self):
     """Waits for pending writes, closes the manager and restores the previous SIGTERM handler."""
     self.manager.wait_until_finished()
@@ -245,3 +236,9 @@ class TrainCheckpointer:
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       self._previous_handler = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

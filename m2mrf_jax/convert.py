@@ -17,9 +17,12 @@ from absl import app
 from absl import flags
 from absl import logging
 from flax import nnx
+import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
+
+from m2mrf_jax import hrnet
 
 # Keys of the MSRA ImageNet classifier that the segmentation backbone does not have.
 CLASSIFIER_EXTRAS = ('incre_modules.', 'downsamp_modules.', 'final_layer.', 'classifier.')
@@ -81,11 +84,6 @@ def _variables(model):
   return {'.'.join(str(k) for k in path): variable for path, variable in flat}
 
 
-def state_dict(model):
-  """The model's parameters and BN statistics as an mmseg state_dict of NumPy arrays (torch layout)."""
-  return {key: to_torch(key, np.asarray(v[...])) for key, v in _variables(model).items()}
-
-
 def _to_numpy(value):
   if type(value).__module__.startswith('torch'):
     value = value.detach().cpu()
@@ -116,9 +114,7 @@ def describe(shapes):
   up = _first_present(shapes, 'backbone.stage2.0.fuse_layers.0.1.', (
       ('sample_0.sample_encode_conv.weight', 'cascade'), ('2.sample_encode_conv.weight', 'onestep'),
       ('0.weight', 'bilinear')))
-  variants = {('conv', 'bilinear'): 'base', ('onestep', 'onestep'): 'a', ('onestep', 'cascade'): 'b',
-              ('cascade', 'onestep'): 'c', ('cascade', 'cascade'): 'd'}
-  variant = variants.get((down, up), '?')
+  variant = {paths: name for name, paths in hrnet.VARIANTS.items()}.get((down, up), '?')
   width = shapes.get('backbone.stage2.0.branches.0.0.conv1.weight', ('?',))[0]
   text = f'variant {variant} / width {width}'
   if 'decode_head.conv_seg.weight' in shapes:
@@ -135,8 +131,11 @@ def _listing(title, keys, limit=20):
 def load_state_dict(model, state_dict_in):
   """Loads an mmseg state_dict (full segmentor, or backbone only) into `model`, strictly.
 
+  Every value is replaced, so `model` may be abstract (`nnx.eval_shape` of `models.build`): bonsai's
+  way of building a converted model without initialising it first.
+
   Args:
-    model: the NNX segmentor of `models.build`.
+    model: the NNX segmentor of `models.build`, concrete or abstract.
     state_dict_in: mmseg key -> NumPy array or torch tensor; keys with `backbone.`/`decode_head.`
       prefixes, or plain backbone keys. A state_dict without `decode_head.` keys loads the backbone.
 
@@ -159,9 +158,14 @@ def load_state_dict(model, state_dict_in):
     parts = [_listing(t, ks) for t, ks in (('missing keys', missing), ('unexpected keys', unexpected),
                                            ('mis-shaped keys', misshaped)) if ks]
     raise ValueError('state_dict does not fit the model; ' + '\n'.join(parts))
+  unfilled = sorted(k for k, v in variables.items()
+                    if k not in expected and isinstance(v.get_value(), jax.ShapeDtypeStruct))
+  if unfilled:
+    raise ValueError('the model is abstract and the state_dict holds no decode_head: '
+                     + _listing('keys would have no value', unfilled))
   for key in expected:
     variable = variables[key]
-    variable[...] = jnp.array(from_torch(key, loaded[key], variable.shape), variable.dtype, copy=True)
+    variable.set_value(jnp.array(from_torch(key, loaded[key], variable.shape), variable.dtype, copy=True))
 
 
 def load_pretrained_backbone(model, state_dict_in):
@@ -231,11 +235,12 @@ def main(argv):
   from m2mrf_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS
   config = cfg.config
-  model = models.build(config.model, nnx.Rngs(config.get('seed', 0)))
   state = read_pth(cfg.input)
-  if cfg.backbone_only:
+  if cfg.backbone_only:  # the rest of the model keeps its fresh initialisation
+    model = models.build(config.model, nnx.Rngs(config.get('seed', 0)))
     load_pretrained_backbone(model, state)
   else:
+    model = nnx.eval_shape(lambda: models.build(config.model, nnx.Rngs(0)))
     load_state_dict(model, state)
   checkpoints.save_model(cfg.output, model, config.model)
   logging.info('wrote %s', cfg.output)

@@ -1,56 +1,49 @@
-"""Evaluation of a model over a dataset split, as the official test: table, metrics.json, PR curves.
+"""Scoring a model over a split as the official test (`score`), and the evaluate-mode job.
 
 Per image: the model (eval mode) at the test scale gives logits (1, h', w', 4), which are resized
 bilinearly (align_corners=False, no antialiasing) to the original size, passed through the sigmoid, and
 counted against the full-resolution masks (`metrics.count`), all in one jitted step on device. A batch
 holds images of one size, `config.eval_batch_size` per device, split over the devices of this process
-(images are decoded in threads ahead of the device); each process evaluates its share of the split
-(`data_pipelines.pipeline.eval_examples`) and the counts are summed across processes at the end. Every
+(grain decodes the next images in threads meanwhile); each process scores its share of the split
+(`data_pipelines.pipeline.eval_dataset`) and the counts are summed across processes at the end. Every
 new image size compiles the step once (DDR's cameras give a few sizes).
 """
-import collections
-import concurrent.futures
 import itertools
-import json
 
 from absl import logging
-from etils import epath
 from flax import nnx
+import grain
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines import pipeline
+from data_pipelines import prepare
+from m2mrf_jax import checkpoints
 from m2mrf_jax import layers
+from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import metrics
+from m2mrf_jax import report
+from m2mrf_jax import summary
 from m2mrf_jax import visualize
-
-METRICS_FILE = 'metrics.json'
-PR_CURVES_FILE = 'pr_curves.png'
-
-
-def local_mesh(mesh: Mesh | None = None) -> Mesh:
-  """A 1-D 'data' mesh of this process's devices (of `mesh`, or all local devices)."""
-  devices = jax.local_devices() if mesh is None else [d for d in mesh.devices.flat
-                                                       if d.process_index == jax.process_index()]
-  return Mesh(np.array(devices), ('data',))
 
 
 def make_eval_step(graphdef, edges, mesh: Mesh):
-  """The jitted counting step: (total, state, images, masks, valid) -> total.
+  """The jitted counting step: (total, state, images, masks, valid) -> (total, logits at the input size).
 
   Args:
     graphdef: the model's graph definition (eval mode).
-    edges: (T,) float32 thresholds of the counter.
+    edges: (T,) float32 thresholds of the counts.
     mesh: a 1-D 'data' mesh; images (N, h', w', 3), masks (N, H, W, C) and valid (N,) are split over it.
   """
   def step(total, state, images, masks, valid):
     logits = nnx.merge(graphdef, state)(images)
     probs = jax.nn.sigmoid(layers.resize_bilinear(logits, masks.shape[1:3]))
-    return metrics.count(total, probs, masks, valid, edges, 'data')
+    return metrics.count(total, probs, masks, valid, edges, 'data'), logits
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'), P('data')),
-                          out_specs=P(), check_vma=False)
+                          out_specs=(P(), P('data')), check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -65,18 +58,6 @@ def same_size_batches(examples, batch_size: int):
       yield batch
 
 
-def prefetch(sequence, depth: int):
-  """Iterates over `sequence[i]`, decoding up to `depth` items ahead in threads."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=min(depth, 4)) as pool:
-    pending = collections.deque()
-    for i in range(len(sequence)):
-      pending.append(pool.submit(sequence.__getitem__, i))
-      if len(pending) > depth:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-
-
 def _stack(batch, size):
   """(images, masks, valid) of `size` rows; missing rows repeat the last example and are not valid."""
   rows = batch + [batch[-1]] * (size - len(batch))
@@ -86,47 +67,63 @@ def _stack(batch, size):
   return images, masks, valid
 
 
-def evaluate_model(model: nnx.Module, config, data_dir, *, mesh: Mesh | None = None) -> dict:
-  """Scores `model` on `config.eval_split` with the official protocol.
+def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
+  """Scores `model` on this process's `examples` with the official protocol, over all processes.
 
   Args:
-    model: the segmentor; evaluated in eval mode (the caller's module is left as it is).
-    config: the full config (`data`, `model.num_classes`, `eval_split`, `eval_batch_size`,
-      `aupr_fine_thresholds`).
-    data_dir: the TFDS data directory holding the built dataset.
-    mesh: the training mesh; this process evaluates on its devices. None: all local devices.
+    model: the segmentor; scored in eval mode (the caller's module is left as it is).
+    examples: this process's `eval_example` dicts (`pipeline.eval_dataset`); may be empty.
+    config: the full config (`model.num_classes`, `eval_batch_size`, `aupr_fine_thresholds`).
 
   Returns:
     The metrics dict of `metrics.scores` (`aupr`, `iou`, `f1`, `mAUPR`, `mIoU`, `mF1`, ...), with
     `num_images` (over all processes).
   """
-  from data_pipelines import pipeline  # pylint: disable=g-import-not-at-top (data and model load lazily)
-  mesh = local_mesh(mesh)
-  graphdef, state = nnx.split(model)
-  eval_model = nnx.merge(graphdef, state)
+  mesh = mesh_lib.local_mesh()
+  eval_model = nnx.clone(model)
   eval_model.eval()
   graphdef, state = nnx.split(eval_model)
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(jax.tree.map(_local_copy, state), replicated)
+  state = jax.device_put(jax.tree.map(_local_copy, state), mesh_lib.replicated(mesh))
 
-  counter = metrics.Counter(config.model.num_classes, config.aupr_fine_thresholds, mesh=mesh)
-  step = make_eval_step(graphdef, counter.edges, mesh)
+  counts = metrics.PooledCounts(config.model.num_classes, config.aupr_fine_thresholds, mesh=mesh)
+  step = make_eval_step(graphdef, counts.edges, mesh)
   rows = NamedSharding(mesh, P('data'))
   batch_size = config.eval_batch_size * mesh.size
-  split = config.eval_split
-  examples = pipeline.eval_examples(config.data, data_dir, split)  # this process's share
-  num_images = 0
-  for batch in same_size_batches(prefetch(examples, 2 * batch_size), batch_size):
+  reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
+  num_images, first = 0, None
+  for batch in same_size_batches(reader, batch_size):
     arrays = jax.device_put(_stack(batch, batch_size), rows)
-    counter.total = step(counter.total, state, *arrays)
+    counts.total, logits = step(counts.total, state, *arrays)
+    if first is None:
+      first = batch[0], logits
     num_images += len(batch)
-    logging.log_every_n_seconds(logging.INFO, 'evaluation on %s: %d images', 30, split, num_images)
-  result = counter.result()
+    logging.log_every_n_seconds(logging.INFO, 'evaluation: %d images', 30, num_images)
+  result = counts.result()
   result['num_images'] = int(np.sum(_all_processes(num_images)))
   if not result['num_images']:
-    raise ValueError(f'no images in split {split!r} of {config.data.name} in {data_dir}')
-  logging.info('evaluated %d images of %s/%s', result['num_images'], config.data.name, split)
+    raise ValueError('evaluation got no images')
+  if first is not None:
+    result['overlay'] = overlay_panel(first[0], np.asarray(first[1][0]), config.data)
+  logging.info('evaluated %d images', result['num_images'])
   return result
+
+
+def overlay_panel(example, logits, data_config):
+  """Ground truth | prediction (prob > 0.5) painted on one example at the test scale, uint8 (h, 2w, 3).
+
+  Args:
+    example: an `eval_example` (normalised image at the test scale, masks at the original size).
+    logits: (h, w, C) the model's logits for it.
+    data_config: `config.data` (mean, std to undo the normalisation).
+  """
+  image = example['image'] * np.asarray(data_config.std) + np.asarray(data_config.mean)
+  image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+  h, w = image.shape[:2]
+  masks = example['masks']
+  rows = np.arange(h) * masks.shape[0] // h  # nearest (OpenCV's rule) down to the test scale
+  cols = np.arange(w) * masks.shape[1] // w
+  truth = masks[rows[:, None], cols[None, :]]
+  return np.concatenate([visualize.overlay(image, truth), visualize.overlay(image, logits > 0)], 1)
 
 
 def _local_copy(x):
@@ -145,43 +142,23 @@ def _all_processes(value):
   return multihost_utils.process_allgather(np.array(value))
 
 
-def format_table(scores: dict) -> str:
-  """The paper's layout: AUPR, F and IoU per class and their mean, in percent (+ the fine AUPR)."""
-  names = list(metrics.CLASSES) + ['mean']
-  rows = [('AUPR', scores['aupr'], scores['mAUPR']), ('F', scores['f1'], scores['mF1']),
-          ('IoU', scores['iou'], scores['mIoU'])]
-  fine = len(scores['recall_fine'])
-  rows.append((f'AUPR-{fine} (extra)', scores['aupr_fine'], scores['mAUPR_fine']))
-  width = max(len(r[0]) for r in rows)
-  lines = [' ' * width + ''.join(f'{n:>9}' for n in names)]
-  for label, per_class, mean in rows:
-    lines.append(f'{label:<{width}}' + ''.join(f'{100 * v:9.2f}' for v in (*per_class, mean)))
-  lines.append(f'(%; official 11-threshold AUPR, F and IoU at prob > 0.5; AUPR-{fine} is the same curve '
-               f'at {fine} thresholds, not in the paper)')
-  return '\n'.join(lines)
+def evaluate_checkpoint(config, workdir, checkpoint=''):
+  """Scores a checkpoint (default: the latest in `workdir`) on `config.eval_split`; reports to `workdir`.
 
+  Args:
+    config: the config; `config.model` must match the checkpoint's.
+    workdir: where metrics.json, the table, the plots and the logs go (and the data is prepared).
+    checkpoint: an orbax checkpoint directory (e.g. written by `m2mrf_jax.convert`).
 
-def to_json(scores: dict) -> dict:
-  """metrics.json content: fractions, per class by name, means, official 11-point curves."""
-  out = {k: scores[k] for k in ('mAUPR', 'mIoU', 'mF1', 'mAUPR_fine')}
-  for key in ('aupr', 'iou', 'f1', 'ppv', 'sensitivity', 'aupr_fine'):
-    out[key] = dict(zip(metrics.CLASSES, np.asarray(scores[key]).tolist()))
-  out['curve'] = {'thresholds': scores['thresholds'].tolist(),
-                  'precision': dict(zip(metrics.CLASSES, scores['precision'].T.tolist())),
-                  'recall': dict(zip(metrics.CLASSES, scores['recall'].T.tolist()))}
-  if 'num_images' in scores:
-    out['num_images'] = scores['num_images']
-  return out
-
-
-def report(scores: dict, workdir) -> None:
-  """Prints the table and writes metrics.json and pr_curves.png into `workdir` (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  workdir = epath.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  table = format_table(scores)
-  print(table, flush=True)
-  (workdir / METRICS_FILE).write_text(json.dumps(to_json(scores), indent=1))
-  visualize.plot_pr_curves(scores, workdir / PR_CURVES_FILE)
-  logging.info('wrote %s and %s in %s', METRICS_FILE, PR_CURVES_FILE, workdir)
+  Returns:
+    The metrics dict.
+  """
+  directory = checkpoint or workdir
+  model = checkpoints.restore_model(directory, config.model)
+  step = checkpoints.read_meta(directory)['step']
+  data_dir = prepare.prepare(config.data, workdir)
+  scores = score(model, pipeline.eval_dataset(config.data, data_dir, config.eval_split), config)
+  with summary.Writer(workdir) as writer:
+    report.write(scores, workdir, writer, step)
+    writer.write_scalars(step, report.scalars(scores))
+  return scores

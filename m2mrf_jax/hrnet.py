@@ -7,6 +7,7 @@ Attribute paths spell the mmseg keys, e.g. `stage2[0].fuse_layers[0][1].sample_0
 """
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 
 from m2mrf_jax import layers
@@ -25,7 +26,7 @@ NUM_MODULES = (1, 4, 3)  # stages 2, 3, 4
 NUM_BLOCKS = 4
 
 
-def call(module, x, remat=False):
+def remat_call(module, x, remat=False):
   """`module(x)`, rematerialised in the backward pass (activations recomputed) if `remat`."""
   if remat:
     return nnx.remat(lambda m, v: m(v))(module, x)
@@ -42,8 +43,8 @@ class BasicBlock(nnx.Module):
     self.bn2 = layers.BatchNorm(channels, dtype=dtype)
 
   def __call__(self, x):
-    y = layers.relu(self.bn1(self.conv1(x)))
-    return layers.relu(self.bn2(self.conv2(y)) + x)
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    return jax.nn.relu(self.bn2(self.conv2(y)) + x)
 
 
 class Bottleneck(nnx.Module):
@@ -62,10 +63,10 @@ class Bottleneck(nnx.Module):
         layers.BatchNorm(out, dtype=dtype)) if in_channels != out else None
 
   def __call__(self, x):
-    y = layers.relu(self.bn1(self.conv1(x)))
-    y = layers.relu(self.bn2(self.conv2(y)))
+    y = jax.nn.relu(self.bn1(self.conv1(x)))
+    y = jax.nn.relu(self.bn2(self.conv2(y)))
     y = self.bn3(self.conv3(y))
-    return layers.relu(y + (x if self.downsample is None else self.downsample(x)))
+    return jax.nn.relu(y + (x if self.downsample is None else self.downsample(x)))
 
 
 class Resampling:
@@ -90,7 +91,7 @@ class Resampling:
 
   def transition(self, c_in, c_out):
     """A new branch: Seq(Seq(halve, BN, ReLU)); keys `transitionK.{i}.0.{0,1}`."""
-    return layers.Sequential(layers.Sequential(self.halve(c_in, c_out), self.bn(c_out), layers.relu))
+    return layers.Sequential(layers.Sequential(self.halve(c_in, c_out), self.bn(c_out), jax.nn.relu))
 
   def fuse_down(self, c_j, c_i, steps):
     """Branch j to the coarser branch j + steps: M2MRF/conv then BN; ReLU on intermediate cascade steps."""
@@ -102,7 +103,7 @@ class Resampling:
       if k == steps - 1:
         stages.append(layers.Sequential(self.halve(c_j, c_i), self.bn(c_i)))
       else:
-        stages.append(layers.Sequential(self.halve(c_j, c_j), self.bn(c_j), layers.relu))
+        stages.append(layers.Sequential(self.halve(c_j, c_j), self.bn(c_j), jax.nn.relu))
     return layers.Sequential(*stages)
 
   def fuse_up(self, c_j, c_i, steps):
@@ -149,7 +150,7 @@ class HRModule(nnx.Module):
           y = y + layers.resize_bilinear(path(xs[j]), xs[i].shape[1:3])
         elif j < i:
           y = y + path(xs[j])
-      out.append(layers.relu(y))
+      out.append(jax.nn.relu(y))
     return out
 
 
@@ -181,7 +182,7 @@ class HRNet(nnx.Module):
       transition = [
           layers.Sequential(
               layers.Conv2d(previous[i], c, 3, padding=1, dtype=dtype, rngs=rngs),
-              layers.BatchNorm(c, dtype=dtype), layers.relu) if c != previous[i] else None
+              layers.BatchNorm(c, dtype=dtype), jax.nn.relu) if c != previous[i] else None
           for i, c in enumerate(current[:-1])]
       transition.append(resampling.transition(previous[-1], current[-1]))
       setattr(self, f'transition{stage - 1}', nnx.List(transition))
@@ -190,14 +191,14 @@ class HRNet(nnx.Module):
       previous = current
 
   def __call__(self, x):
-    x = layers.relu(self.bn1(self.conv1(x)))
-    x = layers.relu(self.bn2(self.conv2(x)))
-    x = call(self.layer1, x, self.remat)
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
+    x = jax.nn.relu(self.bn2(self.conv2(x)))
+    x = remat_call(self.layer1, x, self.remat)
     xs = [x]
     for stage in (2, 3, 4):
       transition = getattr(self, f'transition{stage - 1}')
       # As mmseg: every transition layer present (a new branch, a channel change) reads the last branch.
       xs = [xs[i] if t is None else t(xs[-1]) for i, t in enumerate(transition)]
       for module in getattr(self, f'stage{stage}'):
-        xs = call(module, xs, self.remat)
+        xs = remat_call(module, xs, self.remat)
     return xs

@@ -17,7 +17,7 @@ Initializer = Callable[[jax.Array, tuple[int, ...]], jax.Array]
 _BLOCK = 1 << 16
 
 
-def sample(key, shape, distribution, scale=1.0):
+def blocked_random(key, shape, distribution, scale=1.0):
   """`scale` times standard normal or U(-1, 1) float32 values of `shape`, in power-of-two blocks.
 
   Eager initialisation compiles the sampler once per block size (a handful) rather than once per
@@ -56,12 +56,12 @@ class KeyStream:
 def kaiming_normal_fan_out(key, shape):
   """mmcv `kaiming_init` (normal, fan_out, relu) of an HWIO kernel: std sqrt(2 / (kh kw out))."""
   fan_out = math.prod(shape[:-2]) * shape[-1]
-  return sample(key, shape, 'normal', math.sqrt(2.0 / fan_out))
+  return blocked_random(key, shape, 'normal', math.sqrt(2.0 / fan_out))
 
 
 def xavier_uniform(key, shape, fan_in, fan_out):
   """mmcv `xavier_init(distribution='uniform')`: U(+-sqrt(6 / (fan_in + fan_out)))."""
-  return sample(key, shape, 'uniform', math.sqrt(6.0 / (fan_in + fan_out)))
+  return blocked_random(key, shape, 'uniform', math.sqrt(6.0 / (fan_in + fan_out)))
 
 
 def xavier_uniform_hwio(key, shape):
@@ -72,7 +72,7 @@ def xavier_uniform_hwio(key, shape):
 
 def normal_001(key, shape):
   """mmcv `normal_init(std=0.01)`: the classifier's weights."""
-  return sample(key, shape, 'normal', 0.01)
+  return blocked_random(key, shape, 'normal', 0.01)
 
 
 class Conv2d(nnx.Module):
@@ -161,10 +161,6 @@ class Sequential(nnx.Module):
     for layer in self:
       x = layer(x)
     return x
-
-
-def relu(x):
-  return jax.nn.relu(x)
 
 
 def resize_bilinear(x, size: Sequence[int]):

@@ -1,6 +1,7 @@
 """Entry point: `python -m m2mrf_jax.main --config=configs/X.py --workdir=DIR [--mode=evaluate]`.
 
-Config fields can be overridden on the command line, e.g. `--config.batch_size=8`.
+Config fields can be overridden on the command line, e.g. `--config.batch_size=8`; the config is
+locked, so an unknown key fails (ml_collections says "Did you mean ...").
 Multi-host (TPU pods, SLURM, multi-node GPU): pass `--multihost` (or set M2MRF_MULTIHOST=1) on
 every process; `jax.distributed.initialize()` then discovers the cluster.
 """
@@ -13,6 +14,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from m2mrf_jax import evaluate
 from m2mrf_jax import train
 
 FLAGS = flags.FLAGS
@@ -28,12 +30,13 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def parse_flags(argv):
-  """absl's flag parsing, after a readable check of the config overrides."""
+  """absl's parsing; an unknown `--config.KEY` exits with ml_collections' message, not a traceback."""
   try:
-    train.check_overrides(argv[1:])
-  except ValueError as e:
-    sys.exit(f'FATAL Flags parsing error: {e}')
-  return app.parse_flags_with_usage(argv)
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections' KeyError, wrapped in AttributeError(s)
+    while isinstance(e, BaseException) and e.args:
+      e = e.args[0]
+    sys.exit(f'FATAL Flags parsing error: unknown config key {e}')
 
 
 def main(argv):
@@ -46,7 +49,7 @@ def main(argv):
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == '__main__':

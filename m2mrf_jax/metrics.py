@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-CLASSES = ('EX', 'HE', 'SE', 'MA')
+from data_pipelines.lesions import CLASSES
 NUM_THRESHOLDS = 11  # the official curve: t = 0, 0.1, ..., 1
 MAX_PIXELS_PER_UPDATE = 2**32 - 1
 
@@ -178,7 +178,7 @@ def scores(tp: np.ndarray, predicted: np.ndarray, fn: np.ndarray) -> dict:
       thresholds=thresholds(NUM_THRESHOLDS))
 
 
-class Counter:
+class PooledCounts:
   """Streaming pooled counts on device; `update` per batch, `result` at the end.
 
   With a mesh (of this process's devices), batches are split over its 'data' axis (rows padded to a
@@ -237,7 +237,7 @@ class Counter:
     return scores(*counts_from_histogram(self.counts()))
 
 
-def evaluate(probs: Iterable, masks: Iterable, *, fine_thresholds: int = 1001) -> dict:
+def score_maps(probs: Iterable, masks: Iterable, *, fine_thresholds: int = 1001) -> dict:
   """Scores probability maps against masks with the official protocol (see the module docstring).
 
   Args:
@@ -250,16 +250,16 @@ def evaluate(probs: Iterable, masks: Iterable, *, fine_thresholds: int = 1001) -
     The dict of `scores`: `aupr`, `iou`, `f1` (arrays of 4, fractions), `mAUPR`, `mIoU`, `mF1`,
     `aupr_fine`, `mAUPR_fine`, and the curves.
   """
-  counter = Counter(num_classes=len(CLASSES), fine_thresholds=fine_thresholds)
-  count = 0
+  counts = PooledCounts(num_classes=len(CLASSES), fine_thresholds=fine_thresholds)
+  num_images = 0
   for i, (prob, mask) in enumerate(zip(probs, masks, strict=True)):
     prob, mask = np.asarray(prob), np.asarray(mask)
     if prob.ndim != 3 or prob.shape[-1] != len(CLASSES) or mask.shape != prob.shape:
       raise ValueError(f'image {i}: expected a probability map and mask of one shape (H, W, 4), '
                        f'got {prob.shape} and {mask.shape}')
-    counter.update(prob[None], mask[None] != 0)
-    count += 1
-  if not count:
-    raise ValueError('evaluate() got no images')
-  return counter.result()
+    counts.update(prob[None], mask[None] != 0)
+    num_images += 1
+  if not num_images:
+    raise ValueError('score_maps() got no images')
+  return counts.result()
 

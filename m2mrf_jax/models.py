@@ -1,5 +1,6 @@
 """The segmentor: HRNetV2(+M2MRF) backbone, FCN head, logits at the input resolution; `build`."""
 from flax import nnx
+import jax
 import jax.numpy as jnp
 
 from m2mrf_jax import layers
@@ -16,7 +17,7 @@ class ConvModule(nnx.Module):
     self.bn = layers.BatchNorm(out_channels, dtype=dtype)
 
   def __call__(self, x):
-    return layers.relu(self.bn(self.conv(x)))
+    return jax.nn.relu(self.bn(self.conv(x)))
 
 
 class FCNHead(nnx.Module):

@@ -26,8 +26,8 @@ from PIL import Image
 import tqdm
 
 from data_pipelines import transforms
+from data_pipelines.lesions import CLASSES
 from m2mrf_jax import layers
-from m2mrf_jax import metrics
 from m2mrf_jax import visualize
 
 FLAGS = flags.FLAGS
@@ -79,8 +79,7 @@ class Predictor:
   """Sigmoid probabilities of a segmentor, whole-image at the test scale or by sliding windows."""
 
   def __init__(self, model: nnx.Module, data_config, batch_size: int = 4):
-    graphdef, state = nnx.split(model)
-    eval_model = nnx.merge(graphdef, state)
+    eval_model = nnx.clone(model)
     eval_model.eval()
     self.graphdef, self.state = nnx.split(eval_model)
     self.data_config = data_config
@@ -108,7 +107,7 @@ class Predictor:
     boxes = [(y, x) for y in window_starts(h, window[0], stride[0])
              for x in window_starts(w, window[1], stride[1])]
     normalized = self._normalize(image)
-    total = np.zeros((h, w, len(metrics.CLASSES)), np.float32)
+    total = np.zeros((h, w, len(CLASSES)), np.float32)
     hits = np.zeros((h, w, 1), np.float32)
     for i in range(0, len(boxes), self.batch_size):
       chunk = boxes[i:i + self.batch_size]
@@ -125,7 +124,7 @@ def write_outputs(folder, stem: str, image: np.ndarray, probs: np.ndarray) -> No
   """Writes the 16-bit probability maps, the binary masks and the overlay of one image."""
   folder = epath.Path(folder)
   masks = probs > THRESHOLD
-  for c, name in enumerate(metrics.CLASSES):
+  for c, name in enumerate(CLASSES):
     prob16 = np.round(np.clip(probs[..., c], 0, 1) * 65535).astype(np.uint16)
     Image.fromarray(prob16).save(folder / f'{stem}_prob_{name}.png')
     Image.fromarray(masks[..., c].astype(np.uint8) * 255).save(folder / f'{stem}_mask_{name}.png')

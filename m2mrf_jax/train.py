@@ -1,121 +1,84 @@
-"""The training job: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint`.
+"""The training job: `train(config, workdir, train_iter, evaluate_fn)`, and `train_and_evaluate`.
 
 Data parallel with `jax.jit` over a 1-D device mesh ('data'): parameters, BN statistics and
 optimizer state replicated, the global batch sharded over every device of every process. BatchNorm
 inside the jitted step reduces over the global batch (SyncBN, as the official 4-GPU runs).
 """
+import functools
+import json
 import math
-import time
 
 from absl import logging
+from etils import epath
 from flax import nnx
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 
-from configs import common
-import data_pipelines
 from data_pipelines import pipeline
+from data_pipelines import prepare
 from m2mrf_jax import checkpoints
+from m2mrf_jax import chrono as chrono_lib
 from m2mrf_jax import convert
 from m2mrf_jax import evaluate
 from m2mrf_jax import losses
+from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import models
+from m2mrf_jax import report
 from m2mrf_jax import summary
 
-
-def validate_config(config, reference=None, prefix='config'):
-  """Raises ValueError naming an unknown key and listing the valid ones (configs/common.py)."""
-  reference = common.get_config() if reference is None else reference
-  for key, value in config.items():
-    if key not in reference:
-      raise ValueError(f'unknown config key {prefix}.{key}; valid keys of {prefix}: '
-                       f'{", ".join(sorted(reference.keys()))}')
-    if isinstance(value, ml_collections.ConfigDict):
-      validate_config(value, reference[key], f'{prefix}.{key}')
+CONFIG_FILE = 'config.json'
 
 
-def check_overrides(argv, reference=None):
-  """Raises ValueError for a `--config.KEY=...` whose KEY is not in configs/common.py."""
-  reference = common.get_config() if reference is None else reference
-  for arg in argv:
-    if not arg.startswith('--config.'):
-      continue
-    node, prefix = reference, 'config'
-    for key in arg[len('--config.'):].split('=', 1)[0].split('.'):
-      if not hasattr(node, 'keys') or key not in node:
-        valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else '(none: a value)'
-        raise ValueError(f'unknown config key {prefix}.{key} in {arg!r}; valid keys of '
-                             f'{prefix}: {valid}')
-      node, prefix = node[key], f'{prefix}.{key}'
-
-
-def make_mesh():
-  """A 1-D mesh over every device of every process, axis 'data'."""
-  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def global_batch(mesh, local_batch):
-  """Per-process NumPy batch {'image', 'label'} -> global arrays sharded over 'data'."""
-  sharding = NamedSharding(mesh, P('data'))
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
-
-
-def make_train_step(graphdef, loss_fn, schedule, accum_steps, mesh):
-  """Returns the jitted step (state, batch) -> (state, {'loss', 'lr'}); `state` is donated.
+def make_train_step(graphdef, loss_fn, mesh):
+  """The jitted step (state, batch) -> (state, loss) of one (micro-)batch; `state` is donated.
 
   Args:
-    graphdef: the graph definition of the pair (model, optimizer).
+    graphdef: the graph definition of the pair (model, optimizer); state is `nnx.state` of the pair.
     loss_fn: (logits, labels) -> scalar.
-    schedule: optax schedule, step -> learning rate (for logging).
-    accum_steps: micro-batches per update; gradients (and losses) are averaged over them and
-      BN statistics are updated once per micro-batch, in order.
-    mesh: the device mesh.
+    mesh: the device mesh; the state stays replicated on it.
   """
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
 
-  def micro_batches(x):
-    # (B, ...) -> (accum, B / accum, ...); micro-batch i takes rows i, i + accum, ... so every
-    # device keeps its own rows.
-    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, 'data')))
-
-  def step(state, batch):
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(replicated, replicated))
+  def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_of(params, rest, images, labels):
-      model = nnx.merge(model_def, params, rest, copy=True)  # fresh Variables at this trace level
-      loss = loss_fn(model(images), labels.astype(jnp.float32))
-      return loss, nnx.state(model, nnx.Not(nnx.Param))
+    def loss_of(model):
+      return loss_fn(model(batch['image']), batch['label'].astype(jnp.float32))
 
-    def accumulate(carry, xs):
-      grads, loss, rest = carry
-      (micro_loss, rest), micro_grads = jax.value_and_grad(loss_of, has_aux=True)(params, rest, *xs)
-      return (jax.tree.map(jnp.add, grads, micro_grads), loss + micro_loss, rest), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    xs = (micro_batches(batch['image']), micro_batches(batch['label']))
-    (grads, loss, rest), _ = jax.lax.scan(accumulate, (zeros, 0.0, rest), xs)
-    grads = jax.tree.map(lambda g: g / accum_steps, grads)
-    nnx.update(model, rest)
-    lr = schedule(optimizer.step[...])
+    loss, grads = nnx.value_and_grad(loss_of)(model)  # BN statistics are updated in `model`
     optimizer.update(model, grads)
-    new_state = jax.lax.with_sharding_constraint(nnx.state((model, optimizer)), replicated)
-    return new_state, {'loss': loss / accum_steps, 'lr': lr}
+    return nnx.state((model, optimizer)), loss
 
-  return jax.jit(step, donate_argnums=0)
+  return train_step
+
+
+def optimizer_for(config):
+  """SGD with the poly schedule; with `grad_accum_steps` k > 1, one update per k micro-batches.
+
+  optax.MultiSteps averages the k gradients and calls SGD once, so the schedule, the momentum and the
+  weight decay count updates, not micro-batches; BN statistics are updated once per micro-batch.
+  """
+  tx = losses.sgd(config)
+  if config.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=config.grad_accum_steps)
+  return tx
 
 
 def create_model_and_optimizer(config, mesh):
-  """Builds the model (and loads `config.pretrained`) and its optimizer, replicated on `mesh`."""
+  """The freshly initialised model of `config.model` and its optimizer, replicated on `mesh`.
+
+  Built eagerly (`layers.blocked_random` compiles a handful of random kernels: W48 in about 30 s on
+  a CPU), then placed. One jitted initialisation with replicated out-shardings, as flax's GSPMD guide
+  does, compiles ~2000 random kernels into one program: on the 2-core CPU, W48 had not compiled after
+  15 min, W18 after 10 min.
+  """
   model = models.build(config.model, nnx.Rngs(config.seed))
-  optimizer = nnx.Optimizer(model, losses.sgd(config), wrt=nnx.Param)
-  state = jax.device_put(nnx.state((model, optimizer)), NamedSharding(mesh, P()))
-  nnx.update((model, optimizer), state)
+  optimizer = nnx.Optimizer(model, optimizer_for(config), wrt=nnx.Param)
+  nnx.update((model, optimizer),
+             jax.device_put(nnx.state((model, optimizer)), mesh_lib.replicated(mesh)))
   return model, optimizer
 
 
@@ -130,6 +93,21 @@ def load_pretrained(config, model):
                config.pretrained, len(skipped))
 
 
+def micro_batches(local_batch, accum_steps):
+  """Splits this process's rows into `accum_steps` micro-batches: micro-batch i takes rows i, i + k, ..."""
+  return [{k: v[i::accum_steps] for k, v in local_batch.items()} for i in range(accum_steps)]
+
+
+def check_finite(loss_sum, first, last, ckpt, workdir):
+  """Raises FloatingPointError if the summed losses of steps [first, last] are not finite."""
+  loss = float(loss_sum)
+  if not math.isfinite(loss):
+    raise FloatingPointError(
+        f'loss is {loss} within steps [{first}, {last}]: training stopped without saving this state; '
+        f'the last good checkpoint (step {ckpt.latest_step()}) in {workdir} is intact.')
+  return loss
+
+
 def _check_batch(config):
   devices, accum = jax.device_count(), config.grad_accum_steps
   if config.batch_size % (accum * devices):
@@ -137,125 +115,107 @@ def _check_batch(config):
                      f'config.grad_accum_steps={accum} x {devices} devices')
 
 
-def _evaluate(model, config, data_dir, mesh, workdir, step, writer):
-  model.eval()
-  metrics = evaluate.evaluate_model(model, config, data_dir, mesh=mesh)
-  if jax.process_index() == 0:
-    evaluate.report(metrics, workdir)
-  writer.scalars(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-  model.train()
-  return metrics
-
-
-def train_and_evaluate(config, workdir):
+def train(config, workdir, train_iter, evaluate_fn):
   """Trains `config` in `workdir` (resuming from its latest checkpoint), then evaluates.
 
   Args:
     config: a config as `configs/common.py` describes it.
-    workdir: holds the orbax checkpoints, log.jsonl, TensorBoard events and metrics.json.
+    workdir: holds the orbax checkpoints, config.json, log.jsonl and TensorBoard events.
+    train_iter: a grain iterator of this process's batches {'image', 'label'} (its position is
+      checkpointed); unused (may be None) when `config.num_train_steps` is 0.
+    evaluate_fn: (model, step, summary.Writer) -> metrics dict with 'mAUPR', 'mIoU', 'mF1'.
 
   Returns:
-    The evaluation metrics (dict with 'mAUPR', 'mIoU', 'mF1', ...), or None when preempted.
+    The evaluation metrics, or None when preempted.
   """
-  validate_config(config)
   _check_batch(config)
+  num_steps, accum = config.num_train_steps, config.grad_accum_steps
 
-  # ---- Devices and data -------------------------------------------------------------------
-  mesh = make_mesh()
+  # ---- Devices, config.json, model and optimizer ----------------------------------------
+  mesh = mesh_lib.make_mesh()
   logging.info('%d devices over %d processes; global batch %d (%d per micro-step).',
-               jax.device_count(), jax.process_count(), config.batch_size,
-               config.batch_size // config.grad_accum_steps)
-  data_dir = data_pipelines.prepare(config.data, workdir)
-  train_iter = None
-  if config.num_train_steps > 0:
-    train_iter = pipeline.train_iterator(config.data, data_dir, batch_size=config.batch_size,
-                                         seed=config.seed)
-
-  # ---- Model, optimizer, resume -----------------------------------------------------------
+               jax.device_count(), jax.process_count(), config.batch_size, config.batch_size // accum)
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
   model, optimizer = create_model_and_optimizer(config, mesh)
-  ckpt = checkpoints.TrainCheckpointer(workdir, config)
-  writer = summary.SummaryWriter(workdir)
-  try:
+
+  with (summary.Writer(workdir) as writer,
+        checkpoints.TrainCheckpointer(workdir, config) as ckpt):
+    # ---- Resume, or start from the pretrained backbone ----------------------------------
     if ckpt.latest_step() is None:
       load_pretrained(config, model)
     step = ckpt.restore(model, optimizer, train_iter)
     if step:
       logging.info('Resumed from step %d of %s.', step, workdir)
-    saved_step = step if ckpt.latest_step() is not None else None
 
-    # ---- Training loop --------------------------------------------------------------------
+    # ---- Training loop: losses summed on device, read (and checked) at log and save steps --
     graphdef, state = nnx.split((model, optimizer))
-    train_step = make_train_step(graphdef, losses.get_loss_fn(config), losses.poly_schedule(config),
-                                 config.grad_accum_steps, mesh)
-    num_steps = config.num_train_steps
-    first_step, window_loss = step, []
+    train_step = make_train_step(graphdef, losses.get_loss_fn(config), mesh)
+    schedule = losses.poly_schedule(config)
+    chrono = chrono_lib.Chrono(num_steps)
+    loss_sum, window_start = 0.0, step + 1
     while step < num_steps:
-      state, metrics = train_step(state, global_batch(mesh, next(train_iter)))
+      for micro in micro_batches(next(train_iter), accum):
+        state, loss = train_step(state, mesh_lib.global_batch(mesh, micro))
+        loss_sum = loss_sum + loss
       step += 1
-      loss = float(metrics['loss'])
-      if not math.isfinite(loss):
-        raise FloatingPointError(
-            f'loss is {loss} at step {step}: training stopped without saving this state; the last '
-            f'good checkpoint (step {ckpt.latest_step()}) in {workdir} is intact.')
-      window_loss.append(loss)
-      if step == first_step + 1:  # the first step includes compilation: time from its end.
-        window_start, window_step = time.time(), step
-      if step % config.log_every_steps == 0 or step == num_steps:
-        scalars = {'loss': np.mean(window_loss), 'lr': float(metrics['lr'])}
+      chrono.step_done(step)
+      log = step % config.log_every_steps == 0 or step == num_steps
+      preempted = ckpt.preempted(step)
+      save = preempted or (step % config.checkpoint_every_steps == 0 and step < num_steps)
+      if log or save:
+        total = check_finite(loss_sum, window_start, step, ckpt, workdir)
+      if log:
+        scalars = {'loss': total / ((step - window_start + 1) * accum), 'lr': float(schedule(step - 1))}
+        steps_per_sec, eta = chrono.measure(step)
         speed = ''
-        if step > window_step:
-          steps_per_sec = (step - window_step) / (time.time() - window_start)
+        if steps_per_sec is not None:
           scalars['images_per_sec'] = steps_per_sec * config.batch_size
-          eta = time.strftime('%H:%M:%S', time.gmtime((num_steps - step) / steps_per_sec))
-          speed = f'  {scalars["images_per_sec"]:.2f} images/s  ETA {eta}'
-        writer.scalars(step, scalars)
+          speed = f'  {scalars["images_per_sec"]:.2f} images/s  ETA {_hms(eta)}'
+        writer.write_scalars(step, scalars)
         logging.info('step %d/%d  loss %.4f  lr %.3g%s', step, num_steps, scalars['loss'],
                      scalars['lr'], speed)
-        window_start, window_step, window_loss = time.time(), step, []
-      preempted = ckpt.preempted(step)
-      if preempted or (step % config.checkpoint_every_steps == 0 and step < num_steps):
-        nnx.update((model, optimizer), state)
-        ckpt.save(step, model, optimizer, train_iter)
-        saved_step = step
+        loss_sum, window_start = 0.0, step + 1
+      if save:
+        with chrono.paused():
+          nnx.update((model, optimizer), state)
+          ckpt.save(step, model, optimizer, train_iter)
       if preempted:
         logging.warning('Preempted: saved step %d in %s; run again to resume.', step, workdir)
         return None
     nnx.update((model, optimizer), state)
 
-    # ---- Evaluation and the final checkpoint ----------------------------------------------
+    # ---- Evaluation, then the final checkpoint (saved even if evaluation fails) ----------
     metrics = None
     try:
-      metrics = _evaluate(model, config, data_dir, mesh, workdir, step, writer)
+      metrics = evaluate_fn(model, step, writer)
+      writer.write_scalars(step, report.scalars(metrics))
       logging.info('step %d: mAUPR %.4f  mIoU %.4f  mF1 %.4f', step, metrics['mAUPR'],
                    metrics['mIoU'], metrics['mF1'])
     finally:
-      if step > 0 and saved_step != step:
+      if step > 0 and ckpt.latest_step() != step:
         ckpt.save(step, model, optimizer, train_iter, metrics=metrics)
     return metrics
-  finally:
-    ckpt.close()
-    writer.close()
 
 
-def evaluate_checkpoint(config, workdir, checkpoint=''):
-  """Evaluates a checkpoint (default: the latest in `workdir`) and writes the report to `workdir`.
+def _hms(seconds):
+  return f'{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}'
 
-  Args:
-    config: the config; `config.model` must match the checkpoint's.
-    workdir: where metrics.json, the table and the plots go (and the data is prepared).
-    checkpoint: an orbax checkpoint directory (e.g. written by `m2mrf_jax.convert`).
 
-  Returns:
-    The metrics dict.
-  """
-  validate_config(config)
-  mesh = make_mesh()
-  model = checkpoints.restore_model(checkpoint or workdir, config.model,
-                                    sharding=NamedSharding(mesh, P()))
-  data_dir = data_pipelines.prepare(config.data, workdir)
-  writer = summary.SummaryWriter(workdir)
-  try:
-    step = checkpoints.read_meta(checkpoint or workdir)['step']
-    return _evaluate(model, config, data_dir, mesh, workdir, step, writer)
-  finally:
-    writer.close()
+def train_and_evaluate(config, workdir):
+  """`train` with the real data: the dataset prepared (built on first use), its train iterator and
+  the official evaluation of `config.eval_split` (table, metrics.json, PR curves, TensorBoard)."""
+  data_dir = prepare.prepare(config.data, workdir)
+  train_iter = None
+  if config.num_train_steps > 0:
+    train_iter = pipeline.train_iterator(config.data, data_dir, batch_size=config.batch_size,
+                                         seed=config.seed)
+  examples = pipeline.eval_dataset(config.data, data_dir, config.eval_split)
+
+  def evaluate_fn(model, step, writer):
+    scores = evaluate.score(model, examples, config)
+    report.write(scores, workdir, writer, step)
+    return scores
+
+  return train(config, workdir, train_iter, evaluate_fn)

@@ -1,8 +1,9 @@
 """Pictures: lesion overlays in the paper's colours and precision-recall curves."""
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
 
-from m2mrf_jax import metrics
+from data_pipelines.lesions import CLASSES
 
 # The paper's figures: EX red, HE green, SE yellow, MA blue (channel order EX, HE, SE, MA).
 COLORS = np.array([(255, 0, 0), (0, 255, 0), (255, 255, 0), (0, 0, 255)], np.uint8)
@@ -24,16 +25,15 @@ def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 1.0) -> np.ndar
   return np.round(out).astype(np.uint8)
 
 
-def plot_pr_curves(scores: dict, path) -> None:
-  """Writes one figure with a precision-recall panel per class (official 11 points and the fine curve).
+def pr_curves(scores: dict) -> Figure:
+  """One figure with a precision-recall panel per class (official 11 points and the fine curve).
 
   Args:
     scores: the dict of `metrics.scores` (needs the curves and `aupr`, `aupr_fine`).
-    path: the PNG file to write.
   """
-  fig = Figure(figsize=(4 * len(metrics.CLASSES), 4.2))
-  axes = fig.subplots(1, len(metrics.CLASSES))
-  for c, (ax, name) in enumerate(zip(axes, metrics.CLASSES)):
+  fig = Figure(figsize=(4 * len(CLASSES), 4.2))
+  axes = fig.subplots(1, len(CLASSES))
+  for c, (ax, name) in enumerate(zip(axes, CLASSES)):
     color = COLORS[c] / 255 * 0.8
     ax.plot(scores['recall_fine'][:, c], scores['precision_fine'][:, c], '-', color=color, lw=1,
             alpha=0.6, label=f'{len(scores["recall_fine"])} thresholds: {100 * scores["aupr_fine"][c]:.2f}')
@@ -45,4 +45,12 @@ def plot_pr_curves(scores: dict, path) -> None:
     ax.legend(loc='lower left', fontsize=8, title='AUPR (%)', title_fontsize=8)
   axes[0].set_ylabel('precision')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  return fig
+
+
+def to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
+  """A matplotlib figure rendered as uint8 RGB (H, W, 3)."""
+  fig.set_dpi(dpi)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()

@@ -8,6 +8,8 @@ from configs import common
 from m2mrf_jax import checkpoints
 from m2mrf_jax import models
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
+
 
 def _w18(variant='c'):
   config = common.get_config('idrid', variant)

@@ -12,7 +12,8 @@ from configs import common
 from m2mrf_jax import checkpoints
 from m2mrf_jax import convert
 from tests import torch_reference
-from tests.test_model_parity import build_filled, flat_state, images, nchw, nhwc, scaled_error
+from tests.conftest import tiered
+from tests.test_model_parity import abstract_model, build_filled, flat_state, images, nchw, nhwc, scaled_error
 
 torch.set_num_threads(1)  # 2-core CI: intra-op threads only contend.
 
@@ -83,6 +84,7 @@ def test_read_pth_does_not_unpickle_arbitrary_objects(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_cli_converts_an_mmseg_checkpoint_to_an_orbax_checkpoint(tmp_path, reference_c):
   pth, out = tmp_path / 'm2mrf_c.pth', tmp_path / 'converted'
   torch.save({'meta': MMSEG_META, 'state_dict': reference_c.state_dict()}, pth)
@@ -112,6 +114,20 @@ def test_loaded_arrays_do_not_alias_the_source_buffers(state_a):
     v += 1
   changed = [k for k, v in flat_state(model).items() if not np.array_equal(np.asarray(v), before[k])]
   assert not changed, f'{len(changed)} model arrays share memory with the source, e.g. {changed[:3]}'
+
+
+@pytest.mark.slow
+def test_an_abstract_model_is_filled_as_a_concrete_one(state_a):
+  abstract, concrete = abstract_model('a', 18), build_filled('a', 18, seed=0)
+  convert.load_state_dict(abstract, state_a)
+  convert.load_state_dict(concrete, state_a)
+  got, want = flat_state(abstract), flat_state(concrete)
+  assert set(got) == set(want) == set(state_a) - {k for k in state_a if 'num_batches' in k}
+  for key, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), err_msg=key)
+  backbone = {k: v for k, v in state_a.items() if k.startswith('backbone.')}
+  with pytest.raises(ValueError, match='(?s)abstract.*decode_head.conv_seg.weight'):
+    convert.load_state_dict(abstract_model('a', 18), backbone)
 
 
 def test_missing_keys_are_listed(model_a, state_a):
@@ -166,7 +182,7 @@ def test_msra_reference_loads_as_the_official_notes_count():
       assert (len(loaded), len(skipped)) == (n_loaded, n_skipped), variant
 
 
-@pytest.mark.parametrize('variant', ['a', 'b', 'c', 'd'])
+@pytest.mark.parametrize('variant', tiered(['a', 'b', 'c', 'd'], fast=('c',)))
 def test_msra_backbone_loads_as_the_official_loader(variant):
   msra = torch_reference.build_msra_backbone_state_dict(width=18)
   own = torch_reference.HRNet(variant, 18).state_dict()

@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-import data_pipelines
 from data_pipelines import build
+from data_pipelines import sources
 from data_pipelines import synthetic
 
 SIZE = (160, 240)
@@ -66,7 +66,7 @@ def _ddr_files(manual_dir, split):
                                         ('ddr', 'validation'), ('ddr', 'test')])
 def test_every_example_equals_its_source_files(downloads, data_dir, name, split):
   images, masks = (_idrid_files if name == 'idrid' else _ddr_files)(downloads[name], split)
-  examples = data_pipelines.load(name, split, data_dir)
+  examples = sources.load(name, split, data_dir)
   assert len(examples) == len(images) == (IDRID_COUNTS if name == 'idrid' else DDR_COUNTS)[split]
   assert [e['id'] for e in examples] == [p.stem for p in images]
   for path, example in zip(images, examples):
@@ -95,9 +95,9 @@ def test_synthetic_downloads_are_like_the_real_ones(downloads, data_dir):
   ddr_images, ddr_masks = _ddr_files(downloads['ddr'], 'validation')
   with Image.open(ddr_masks[ddr_images[0].stem]['MA']) as mask:
     assert mask.mode == 'L' and set(np.unique(np.asarray(mask))) <= {0, 255}
-  sizes = {e['image'].shape for e in data_pipelines.load('ddr', 'train', data_dir)}
+  sizes = {e['image'].shape for e in sources.load('ddr', 'train', data_dir)}
   assert len(sizes) == 2  # varying cameras
-  for example in data_pipelines.load('idrid', 'train', data_dir):
+  for example in sources.load('idrid', 'train', data_dir):
     areas = example['masks'].sum((0, 1))
     assert (areas > 0).sum() >= 3 and 0 < areas[3] < 100 and areas.max() < 2000  # tiny lesions
     # A microaneurysm sits on a haemorrhage in every image: the exclusive merge has overlaps.
@@ -194,14 +194,15 @@ def test_mask_size_mismatch_names_both_files(downloads, tmp_path):
 
 def test_load_unbuilt_says_how_to_build(tmp_path):
   with pytest.raises(FileNotFoundError, match='python -m data_pipelines.build idrid'):
-    data_pipelines.load('idrid', 'train', tmp_path)
+    sources.load('idrid', 'train', tmp_path)
 
 
+@pytest.mark.slow
 def test_build_command(downloads, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'data_pipelines.build', 'ddr', f'--manual_dir={downloads["ddr"]}',
        f'--data_dir={tmp_path}'], capture_output=True, text=True, check=True,
       cwd=epath.Path(__file__).parent.parent)
   assert 'ddr validation: 2 examples' in result.stdout
-  examples = data_pipelines.load('ddr', 'validation', tmp_path)
+  examples = sources.load('ddr', 'validation', tmp_path)
   assert len(examples) == 2 and examples[1]['image'].shape[-1] == 3

@@ -9,10 +9,10 @@ from PIL import Image
 import pytest
 
 from configs import common
-import data_pipelines
 from data_pipelines import build
 from data_pipelines import codecs
 from data_pipelines import pipeline
+from data_pipelines import prepare
 from data_pipelines import sources
 from data_pipelines import synthetic
 from data_pipelines import transforms
@@ -81,7 +81,7 @@ def test_train_example_matches_the_official_order(data_dir, seed):
   # The crop (64, 112) is smaller than some rescaled images and larger than others (padding).
   config = _config(ratio_range=(0.5, 2.0), photometric=False)
   source = sources.raw_source('idrid', 'train', data_dir)
-  examples = data_pipelines.load('idrid', 'train', data_dir)
+  examples = sources.load('idrid', 'train', data_dir)
   record, example = source[seed % NUM_TRAIN], examples[seed % NUM_TRAIN]
   out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
   image, label = _reference_train_example(record, example, seed, config)
@@ -95,7 +95,7 @@ def test_reduced_decode_keeps_image_and_label_aligned(data_dir, ratio):
   # Opt-in: ratios <= 1/2 decode the JPEG at 1/2 (or 1/4) scale before the dihedral map and the resize.
   config = _config(ratio_range=(ratio, ratio), photometric=False, crop_size=SIZE, reduced_decode=True)
   record = sources.raw_source('idrid', 'train', data_dir)[1]
-  example = data_pipelines.load('idrid', 'train', data_dir)[1]
+  example = sources.load('idrid', 'train', data_dir)[1]
   for seed in range(12):
     out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
     # Compared with the full-size decode resized by the same (antialiased) filter.
@@ -113,7 +113,7 @@ def _transform_kwargs(config):
 
 def test_reduced_decode_is_close_to_full_decode(data_dir):
   record = sources.raw_source('idrid', 'test', data_dir)[0]
-  image = data_pipelines.load('idrid', 'test', data_dir)[0]['image']
+  image = sources.load('idrid', 'test', data_dir)[0]['image']
   scale = (60, 40)  # 96x144 -> 40x60: the JPEG is decoded at 1/2 (48x72)
   assert codecs.open_jpeg(record['image'], min_size=(40, 60))[1] == 2
   out = pipeline.eval_example(record, img_scale=scale, mean=(0, 0, 0), std=(1, 1, 1),
@@ -187,10 +187,10 @@ def test_train_crop_equals_opencv(dotted_record, ratio, seed, k):
 
 
 @pytest.mark.parametrize('label_mode', ['exclusive', 'multilabel'])
-def test_eval_examples(data_dir, label_mode):
+def test_eval_dataset(data_dir, label_mode):
   config = _config(img_scale=(300, 200), label_mode=label_mode)
-  examples = pipeline.eval_examples(config, data_dir, 'test')
-  reference = data_pipelines.load('idrid', 'test', data_dir)
+  examples = pipeline.eval_dataset(config, data_dir, 'test')
+  reference = sources.load('idrid', 'test', data_dir)
   assert len(examples) == 3
   for example, expected in zip(examples, reference):
     assert example['id'] == expected['id'] and example['original_size'] == SIZE
@@ -208,15 +208,15 @@ def test_eval_examples(data_dir, label_mode):
 
 def test_eval_shares_are_disjoint_and_cover_the_split(data_dir):
   config = _config()
-  shares = [[e['id'] for e in pipeline.eval_examples(config, data_dir, 'test', process_index=p,
+  shares = [[e['id'] for e in pipeline.eval_dataset(config, data_dir, 'test', process_index=p,
                                                       process_count=2)] for p in range(2)]
   assert not set(shares[0]) & set(shares[1])
-  assert sorted(shares[0] + shares[1]) == [e['id'] for e in data_pipelines.load('idrid', 'test', data_dir)]
+  assert sorted(shares[0] + shares[1]) == [e['id'] for e in sources.load('idrid', 'test', data_dir)]
 
 
 def _identify(batch_images, config, data_dir):
   """Which train example each image of a batch is (no augmentation: the image is the normalised example)."""
-  examples = data_pipelines.load('idrid', 'train', data_dir)
+  examples = sources.load('idrid', 'train', data_dir)
   normalised = {e['id']: transforms.normalize(e['image'], config.mean, config.std) for e in examples}
   ids = []
   for image in batch_images:
@@ -298,6 +298,7 @@ def test_iterator_state_round_trips_through_orbax(data_dir, tmp_path):
   _assert_same(expected, _take(restored['data'], 2))
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches_and_resume(data_dir):
   config = _config()
   expected = _take(pipeline.train_iterator(config, data_dir, batch_size=2, seed=5), 5)
@@ -323,16 +324,16 @@ def test_prepare_synthetic_builds_once(tmp_path):
   config.synthetic_image_size = (64, 96)
   config.synthetic_num_train, config.synthetic_num_test = 2, 1
   config.num_workers = 0
-  data_dir = data_pipelines.prepare(config, tmp_path)
-  assert [len(data_pipelines.load('ddr', s, data_dir)) for s in ('train', 'validation', 'test')] == [2, 1, 1]
+  data_dir = prepare.prepare(config, tmp_path)
+  assert [len(sources.load('ddr', s, data_dir)) for s in ('train', 'validation', 'test')] == [2, 1, 1]
   config.crop_size, config.img_scale = (48, 48), (80, 80)
   batch = next(pipeline.train_iterator(config, data_dir, batch_size=2, seed=0))
   assert batch['image'].shape == (2, 48, 48, 3) and batch['label'].shape == (2, 48, 48, 4)
-  example = pipeline.eval_examples(config, data_dir, 'validation')[0]
+  example = pipeline.eval_dataset(config, data_dir, 'validation')[0]
   assert max(example['image'].shape[:2]) == 80 and example['masks'].shape[:2] == example['original_size']
   info = tmp_path / 'tfds' / 'ddr' / '1.0.0' / 'dataset_info.json'
   stamp = info.stat().st_mtime_ns
-  assert data_pipelines.prepare(config, tmp_path) == data_dir
+  assert prepare.prepare(config, tmp_path) == data_dir
   assert info.stat().st_mtime_ns == stamp
 
 
@@ -340,8 +341,8 @@ def test_prepare_manual_dir_and_missing(tmp_path):
   config = common.data_config('idrid')
   config.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(FileNotFoundError, match='python -m data_pipelines.build idrid'):
-    data_pipelines.prepare(config, tmp_path)
+    prepare.prepare(config, tmp_path)
   config.manual_dir = str(synthetic.write_download('idrid', tmp_path / 'download', image_size=(48, 72),
                                                    num_images={'train': 1, 'test': 1}))
-  assert data_pipelines.prepare(config, tmp_path) == config.data_dir
-  assert len(data_pipelines.load('idrid', 'test', config.data_dir)) == 1
+  assert prepare.prepare(config, tmp_path) == config.data_dir
+  assert len(sources.load('idrid', 'test', config.data_dir)) == 1

@@ -1,9 +1,9 @@
-"""evaluate_model (resize to the original size, sigmoid, pooled counts) and report, against NumPy/PyTorch."""
+"""evaluate.score (resize to the original size, sigmoid, pooled counts) and report, against NumPy/PyTorch."""
+import io
 import json
-import sys
-import types
 
 from flax import nnx
+import grain
 import jax
 import numpy as np
 from PIL import Image
@@ -11,9 +11,16 @@ import pytest
 import torch
 
 from configs import common
+from data_pipelines.lesions import CLASSES
 from m2mrf_jax import evaluate
 from m2mrf_jax import metrics
+from m2mrf_jax import report
+from m2mrf_jax import summary
+from m2mrf_jax import visualize
 from tests.test_metrics import official_metrics
+from tests.tb_events import read_events
+
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
 
 class StandIn(nnx.Module):
@@ -54,39 +61,33 @@ def fake_examples(seed):
   return examples, labels
 
 
-@pytest.fixture
-def fake_pipeline(monkeypatch):
-  """Replaces data_pipelines.pipeline.eval_examples with fixed examples of split 'test'."""
+def test_score_equals_reference_on_8_devices():
   examples, labels = fake_examples(0)
-
-  def eval_examples(data_config, data_dir, split):
-    assert (data_config.name, data_dir, split) == ('idrid', '/data', 'test')
-    return examples
-
-  import data_pipelines  # pylint: disable=g-import-not-at-top
-  fake = types.ModuleType('data_pipelines.pipeline')
-  fake.eval_examples = eval_examples
-  monkeypatch.setitem(sys.modules, 'data_pipelines.pipeline', fake)
-  monkeypatch.setattr(data_pipelines, 'pipeline', fake, raising=False)
-  return examples, labels
-
-
-def test_evaluate_model_equals_reference_on_8_devices(fake_pipeline):
-  examples, labels = fake_pipeline
   config = common.get_config('idrid', 'c')
   model = StandIn(nnx.Rngs(0))
-  mesh = jax.make_mesh((8,), ('data',))
-  got = evaluate.evaluate_model(model, config, '/data', mesh=mesh)
+  assert jax.local_device_count() == 8
+  got = evaluate.score(model, grain.MapDataset.source(examples), config)
   probs = [reference_probs(model, e['image'], e['original_size']) for e in examples]
   want = official_metrics(probs, labels)
   for key in ('aupr', 'iou', 'f1'):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
   assert got['mAUPR'] == pytest.approx(want['aupr'].mean(), rel=1e-6)
   assert got['num_images'] == 4
-  # The same maps through the public evaluate(): identical pooled counts.
+  # The same maps through metrics.score_maps: identical pooled counts.
   masks = [e['masks'] for e in examples]
-  np.testing.assert_allclose(metrics.evaluate(probs, masks)['aupr_fine'], got['aupr_fine'], rtol=1e-4)
+  np.testing.assert_allclose(metrics.score_maps(probs, masks)['aupr_fine'], got['aupr_fine'], rtol=1e-4)
   assert model.bn.use_running_average is False  # the caller's module stays in train mode
+  # The first image, ground truth | prediction, at the test scale.
+  first = examples[0]
+  image = np.clip(np.round(first['image'] * np.array(config.data.std) + np.array(config.data.mean)), 0, 255)
+  image = image.astype(np.uint8)
+  predicted = reference_probs(model, first['image'], first['image'].shape[:2]) > 0.5
+  truth = torch.nn.functional.interpolate(  # nearest: source index floor(i * 24 / 10), as OpenCV
+      torch.from_numpy(first['masks'].astype(np.uint8)).permute(2, 0, 1)[None], size=(10, 15),
+      mode='nearest')[0].permute(1, 2, 0).numpy().astype(bool)
+  assert got['overlay'].shape == (10, 30, 3)
+  np.testing.assert_array_equal(got['overlay'][:, :15], visualize.overlay(image, truth))
+  np.testing.assert_array_equal(got['overlay'][:, 15:], visualize.overlay(image, predicted))
 
 
 def test_same_size_batches_groups_consecutive_sizes():
@@ -99,13 +100,14 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
   rng = np.random.default_rng(4)
   probs = [rng.random((30, 20, 4), dtype=np.float32) ** 2 for _ in range(2)]
   masks = [rng.random((30, 20, 4)) < 0.1 for _ in range(2)]
-  scores = metrics.evaluate(probs, masks)
-  evaluate.report(scores, tmp_path)
+  scores = metrics.score_maps(probs, masks)
+  with summary.Writer(tmp_path) as writer:
+    report.write(scores, tmp_path, writer, step=7)
   saved = json.loads((tmp_path / 'metrics.json').read_text())
   for key in ('mAUPR', 'mIoU', 'mF1'):
     assert saved[key] == pytest.approx(scores[key])
-  assert [saved['aupr'][c] for c in metrics.CLASSES] == pytest.approx(list(scores['aupr']))
-  assert [saved['iou'][c] for c in metrics.CLASSES] == pytest.approx(list(scores['iou']))
+  assert [saved['aupr'][c] for c in CLASSES] == pytest.approx(list(scores['aupr']))
+  assert [saved['iou'][c] for c in CLASSES] == pytest.approx(list(scores['iou']))
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].split() == ['EX', 'HE', 'SE', 'MA', 'mean']
   printed = {line.split()[0]: [float(v) for v in line.split()[-5:]] for line in lines[1:4]}
@@ -114,9 +116,15 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
   np.testing.assert_allclose(printed['IoU'], 100 * np.append(scores['iou'], scores['mIoU']), atol=0.006)
   with Image.open(tmp_path / 'pr_curves.png') as png:
     assert png.size[0] > 3 * png.size[1]  # four panels side by side
+    curves = np.asarray(png.convert('RGB'))
+  (event,) = [e for e in read_events(tmp_path) if e.summary.value]
+  (value,) = event.summary.value
+  assert (event.step, value.tag) == (7, 'pr_curves')
+  with Image.open(io.BytesIO(value.image.encoded_image_string)) as logged:
+    np.testing.assert_array_equal(np.asarray(logged.convert('RGB')), curves)
 
 
-def test_evaluate_model_on_synthetic_idrid_against_the_tiff_masks(tmp_path):
+def test_score_on_synthetic_idrid_against_the_tiff_masks(tmp_path):
   """The real pipeline: masks read back from the synthetic download's TIFFs, merged as the official code."""
   from data_pipelines import build, pipeline, synthetic  # pylint: disable=g-import-not-at-top
   manual = synthetic.write_download('idrid', tmp_path / 'download', num_images={'train': 1, 'test': 3},
@@ -125,14 +133,15 @@ def test_evaluate_model_on_synthetic_idrid_against_the_tiff_masks(tmp_path):
   config = common.get_config('idrid', 'c')
   config.data.img_scale = (48, 32)  # 64 x 96 -> 32 x 48 at the test scale
   model = StandIn(nnx.Rngs(1))
-  got = evaluate.evaluate_model(model, config, str(tmp_path / 'tfds'))
+  examples = pipeline.eval_dataset(config.data, str(tmp_path / 'tfds'), 'test')
+  got = evaluate.score(model, examples, config)
   truth = manual / 'A. Segmentation' / '2. All Segmentation Groundtruths' / 'b. Testing Set'
   probs, labels = [], []
-  for example in pipeline.eval_examples(config.data, str(tmp_path / 'tfds'), 'test'):
+  for example in examples:
     assert example['image'].shape == (32, 48, 3)
     probs.append(reference_probs(model, example['image'], example['original_size']))
     label = np.zeros(example['original_size'], np.uint8)
-    for k, name in enumerate(metrics.CLASSES, start=1):  # prepare_labels.py: later classes overwrite
+    for k, name in enumerate(CLASSES, start=1):  # prepare_labels.py: later classes overwrite
       found = list(truth.glob(f'*/{example["id"]}_{name}.tif'))
       if found:
         label[np.asarray(Image.open(found[0]).convert('L')) > 0] = k

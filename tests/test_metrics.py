@@ -80,7 +80,7 @@ def test_float32_thresholds_match_numpy_float32_comparison():
 
 def test_evaluate_matches_official_protocol():
   probs, labels = random_case(0, [(17, 23), (20, 11), (9, 31)])
-  got = metrics.evaluate(probs, [one_hot(l) for l in labels])
+  got = metrics.score_maps(probs, [one_hot(l) for l in labels])
   want = official_metrics(probs, labels)
   for key in ('aupr', 'iou', 'f1'):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=0)
@@ -102,7 +102,7 @@ def test_multilabel_masks_count_every_class():
   rng = np.random.default_rng(3)
   probs = [rng.random((12, 14, 4), dtype=np.float32) for _ in range(2)]
   masks = [rng.random((12, 14, 4)) < 0.2 for _ in range(2)]  # overlapping classes
-  got = metrics.evaluate(probs, masks, fine_thresholds=11)
+  got = metrics.score_maps(probs, masks, fine_thresholds=11)
   for c in range(4):
     labels = [np.where(m[..., c], c + 1, 0) for m in masks]
     want = official_metrics(probs, labels)
@@ -113,8 +113,8 @@ def test_multilabel_masks_count_every_class():
 def test_streaming_over_images_equals_all_pixels_at_once():
   probs, labels = random_case(5, [(16, 10), (16, 7), (16, 13), (16, 5)])
   masks = [one_hot(l) for l in labels]
-  streamed = metrics.evaluate(probs, masks)
-  at_once = metrics.evaluate([np.concatenate(probs, axis=1)], [np.concatenate(masks, axis=1)])
+  streamed = metrics.score_maps(probs, masks)
+  at_once = metrics.score_maps([np.concatenate(probs, axis=1)], [np.concatenate(masks, axis=1)])
   for key, value in at_once.items():
     np.testing.assert_array_equal(streamed[key], value, err_msg=key)
 
@@ -125,13 +125,13 @@ def test_sharded_update_on_8_devices_equals_single_device():
   probs, labels = random_case(7, [(12, 15)] * 5)  # 5 rows: padded to 8 on the mesh
   probs, masks = np.stack(probs), np.stack([one_hot(l) for l in labels])
   valid = np.array([True, True, False, True, True])
-  single, sharded = metrics.Counter(), metrics.Counter(mesh=mesh)
+  single, sharded = metrics.PooledCounts(), metrics.PooledCounts(mesh=mesh)
   for counter in (single, sharded):
     counter.update(probs, masks, valid)
     counter.update(probs[:1], masks[:1])
   np.testing.assert_array_equal(sharded.counts(), single.counts())
   # And both equal the counts of the valid images alone.
-  reference = metrics.Counter()
+  reference = metrics.PooledCounts()
   reference.update(probs[valid], masks[valid])
   reference.update(probs[:1], masks[:1])
   np.testing.assert_array_equal(single.counts(), reference.counts())
@@ -151,7 +151,7 @@ def test_counts_from_histogram_matches_thresholding():
   rng = np.random.default_rng(2)
   probs = rng.random((1, 30, 40, 4), dtype=np.float32)
   masks = rng.random((1, 30, 40, 4)) < 0.3
-  counter = metrics.Counter(fine_thresholds=11)
+  counter = metrics.PooledCounts(fine_thresholds=11)
   counter.update(probs, masks)
   tp, pos, fn = metrics.counts_from_histogram(counter.counts())
   edges = metrics.float32_thresholds(11)
@@ -164,13 +164,13 @@ def test_counts_from_histogram_matches_thresholding():
 def test_bad_input_is_reported():
   prob = np.zeros((4, 5, 4), np.float32)
   with pytest.raises(ValueError, match='image 1'):
-    metrics.evaluate([prob, prob], [prob > 0, np.zeros((4, 6, 4), bool)])
+    metrics.score_maps([prob, prob], [prob > 0, np.zeros((4, 6, 4), bool)])
   with pytest.raises(ValueError, match='shorter|longer'):
-    metrics.evaluate([prob, prob], [prob > 0])
+    metrics.score_maps([prob, prob], [prob > 0])
   with pytest.raises(ValueError, match='no images'):
-    metrics.evaluate([], [])
+    metrics.score_maps([], [])
   with pytest.raises(ValueError, match='aupr_fine_thresholds'):
-    metrics.Counter(fine_thresholds=100)
+    metrics.PooledCounts(fine_thresholds=100)
 
 
 def test_updates_past_2_to_the_32_pixels_are_refused():

@@ -19,8 +19,10 @@ import torch
 
 from configs import common
 from m2mrf_jax import convert
+from m2mrf_jax import hrnet
 from m2mrf_jax import models
 from tests import torch_reference
+from tests.conftest import tiered
 
 torch.set_num_threads(1)  # 2-core CI: intra-op threads only contend.
 
@@ -85,7 +87,7 @@ def nhwc(y):
   return y.detach().numpy().transpose(0, 2, 3, 1)
 
 
-@pytest.fixture(scope='module', params=common.VARIANTS)
+@pytest.fixture(scope='module', params=tiered(hrnet.VARIANTS, fast=('c',)))
 def converted(request):
   """(variant, randomized W18 torch segmentor in eval mode, the converted NNX model)."""
   variant = request.param
@@ -100,7 +102,8 @@ def images(size, seed):
   return np.random.default_rng(seed).standard_normal((2, *size, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize('variant', common.VARIANTS)
+@pytest.mark.slow
+@pytest.mark.parametrize('variant', hrnet.VARIANTS)
 def test_w48_counts_equal_the_official_model(variant):
   with torch.device('meta'):
     reference = torch_reference.build_torch_model(variant, width=48)

@@ -10,8 +10,11 @@ from PIL import Image
 import pytest
 
 from configs import common
+from data_pipelines.lesions import CLASSES
 from m2mrf_jax import predict
 from m2mrf_jax import visualize
+
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
 # Marker colours and the class each one lights up (EX, HE, SE, MA).
 MARKERS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255), 3: (255, 255, 255)}
@@ -98,10 +101,10 @@ def test_run_writes_maps_masks_overlays_and_skips_a_corrupt_file(tmp_path, capsy
     assert overlay.shape == source.shape
     for c, (y, x) in marks.items():
       np.testing.assert_array_equal(overlay[y, x], visualize.COLORS[c])
-      with Image.open(out / f'{stem}_prob_{predict.metrics.CLASSES[c]}.png') as png:
+      with Image.open(out / f'{stem}_prob_{CLASSES[c]}.png') as png:
         assert png.mode.startswith('I;16') and png.size == (source.shape[1], source.shape[0])
         prob = np.asarray(png, np.float64) / 65535
-      mask = np.asarray(Image.open(out / f'{stem}_mask_{predict.metrics.CLASSES[c]}.png'))
+      mask = np.asarray(Image.open(out / f'{stem}_mask_{CLASSES[c]}.png'))
       assert prob[y, x] > 0.99 and prob[2, 2] < 0.01  # lesion block vs grey background
       np.testing.assert_array_equal(mask > 0, prob > 0.5)
     np.testing.assert_array_equal(overlay[2, 2], [100, 100, 100])  # background keeps the image
@@ -120,6 +123,7 @@ def test_overlay_paints_later_classes_on_top():
   np.testing.assert_array_equal(out[1, 1], [0, 0, 0])
 
 
+@pytest.mark.slow
 def test_cli_rejects_an_empty_checkpoint(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'm2mrf_jax.predict', '--config=configs/idrid_c.py', '--checkpoint=',

@@ -1,27 +1,38 @@
 """The training job on 8 fake CPU devices: sharding, global BN, accumulation, resume, guards, logs.
 
 A tiny conv + BN segmenter stands in for HRNet (what is tested is the loop, not the network);
-the data is an in-memory grain dataset, so its iterator state is checkpointed as the real one.
+the data is an in-memory grain dataset passed to `train.train`, so its iterator state is checkpointed
+as the real one, and evaluation is a stand-in function.
 """
+import io
 import json
 import os
+import pathlib
 import signal
-import struct
+import subprocess
+import sys
 
 from flax import nnx
 import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import common
 from m2mrf_jax import checkpoints
+from m2mrf_jax import chrono
 from m2mrf_jax import losses
+from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import models
 from m2mrf_jax import summary
 from m2mrf_jax import train
+from tests.tb_events import read_events
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
 SIZE = 8  # image side
 
@@ -72,12 +83,14 @@ def _one_device_mesh():
 def _run_steps(config, mesh, batches):
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
-  step = train.make_train_step(graphdef, losses.dice_loss, losses.poly_schedule(config),
-                               config.grad_accum_steps, mesh)
+  step = train.make_train_step(graphdef, losses.dice_loss, mesh)
   out = []
   for batch in batches:
-    state, metrics = step(state, train.global_batch(mesh, batch))
-    out.append(float(metrics['loss']))
+    micro_losses = []
+    for micro in train.micro_batches(batch, config.grad_accum_steps):
+      state, loss = step(state, mesh_lib.global_batch(mesh, micro))
+      micro_losses.append(float(loss))
+    out.append(np.mean(micro_losses))
   nnx.update((model, optimizer), state)
   return model, out
 
@@ -89,7 +102,7 @@ def _leaves(model):
 def test_sharded_step_equals_single_device_step():
   assert jax.device_count() == 8
   config, batches = _config(), [_batch(0), _batch(1)]
-  sharded, sharded_losses = _run_steps(config, train.make_mesh(), batches)
+  sharded, sharded_losses = _run_steps(config, mesh_lib.make_mesh(), batches)
   single, single_losses = _run_steps(config, _one_device_mesh(), batches)
   assert sharded.conv.kernel[...].sharding.is_fully_replicated
   np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-6)
@@ -98,9 +111,16 @@ def test_sharded_step_equals_single_device_step():
   assert not np.allclose(_leaves(sharded)[0], _leaves(models.build(config.model, nnx.Rngs(0)))[0])
 
 
+def test_initial_state_is_replicated_on_every_device():
+  config = _config()
+  model, optimizer = train.create_model_and_optimizer(config, mesh_lib.make_mesh())
+  for leaf in jax.tree.leaves(nnx.state((model, optimizer))):
+    assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
+
+
 def test_batchnorm_statistics_are_over_the_global_batch():
   config, batch = _config(), _batch(2)
-  model, _ = _run_steps(config, train.make_mesh(), [batch])
+  model, _ = _run_steps(config, mesh_lib.make_mesh(), [batch])
   initial = models.build(config.model, nnx.Rngs(config.seed))
   features = np.asarray(initial.conv(batch['image']), np.float64)  # (8, H, W, width)
   whole_mean = features.mean(axis=(0, 1, 2))
@@ -117,8 +137,8 @@ def test_gradient_accumulation_averages_micro_batches():
   half = _batch(3)
   doubled = {k: np.repeat(v, 2, axis=0) for k, v in half.items()}
   accumulated, acc_losses = _run_steps(_config(batch_size=16, grad_accum_steps=2),
-                                       train.make_mesh(), [doubled])
-  plain, plain_losses = _run_steps(_config(), train.make_mesh(), [half])
+                                       mesh_lib.make_mesh(), [doubled])
+  plain, plain_losses = _run_steps(_config(), mesh_lib.make_mesh(), [half])
   np.testing.assert_allclose(acc_losses, plain_losses, rtol=1e-6)
   for name in ('conv', 'head'):
     np.testing.assert_allclose(getattr(accumulated, name).kernel[...],
@@ -126,86 +146,81 @@ def test_gradient_accumulation_averages_micro_batches():
   np.testing.assert_allclose(accumulated.bn.mean[...], 1.9 * plain.bn.mean[...], rtol=1e-5)
 
 
-# ---- The whole job: train_and_evaluate with in-memory data ----------------------------------
+def test_chrono_leaves_out_the_first_step_and_pauses(monkeypatch):
+  now = [0.0]
+  monkeypatch.setattr(chrono.time, 'perf_counter', lambda: now[0])
+  clock = chrono.Chrono(num_steps=100)
+  now[0] = 30.0  # the first step: compilation
+  clock.step_done(1)
+  assert clock.measure(1) == (None, None)
+  for step in range(2, 11):  # 9 steps of 2 s, and a 50 s pause
+    now[0] += 2.0
+    clock.step_done(step)
+    if step == 5:
+      with clock.paused():
+        now[0] += 50.0
+  steps_per_sec, eta = clock.measure(10)
+  assert steps_per_sec == pytest.approx(0.5) and eta == pytest.approx(180.0)
+  now[0] += 4.0
+  assert clock.measure(11)[0] == pytest.approx(0.25)  # a new window from step 10
 
 
-def _train_iterator(data_config, data_dir, *, batch_size, seed):
-  del data_config, data_dir
+# ---- The whole job: train.train with in-memory data and a stand-in evaluation ----------------
+
+
+def _train_iter(config, hook=None):
+  """Batches of 20 in-memory examples; `hook(n, batch)` sees (and may change) the n-th batch."""
   examples = [{k: v[0] for k, v in _batch(i, 1).items()} for i in range(20)]
-  dataset = grain.MapDataset.source(examples).seed(seed).shuffle().repeat().batch(batch_size)
-  return iter(dataset.to_iter_dataset())
+  dataset = (grain.MapDataset.source(examples).seed(config.seed).shuffle().repeat()
+             .batch(config.batch_size).to_iter_dataset())
+  if hook is not None:
+    calls = []
+
+    def counted(batch):
+      calls.append(1)
+      return hook(len(calls), batch)
+    dataset = dataset.map(counted)
+  return iter(dataset)
 
 
-def _evaluate_model(model, config, data_dir, mesh):
-  del config, data_dir, mesh
+def _evaluate(model, step, writer):
+  del step, writer
   score = float(jnp.mean(jax.nn.sigmoid(model.head.bias[...])))
   return {'mAUPR': score, 'mIoU': score / 2, 'mF1': score / 3}
 
 
-@pytest.fixture
-def job(monkeypatch, tmp_path):
-  """Replaces data and evaluation by in-memory stand-ins.
-
-  Yields `install(hook)`: from then on the n-th global batch goes through hook(n, local_batch);
-  `install(None)` removes it.
-  """
-  hooks, calls = [], []
-  monkeypatch.setattr(train.data_pipelines, 'prepare', lambda data, workdir: str(tmp_path / 'data'),
-                      raising=False)
-  monkeypatch.setattr(train.pipeline, 'train_iterator', _train_iterator, raising=False)
-  monkeypatch.setattr(train.evaluate, 'evaluate_model', _evaluate_model, raising=False)
-  monkeypatch.setattr(train.evaluate, 'report', lambda metrics, workdir: None, raising=False)
-  real_global_batch = train.global_batch
-
-  def global_batch(mesh, local):
-    calls.append(1)
-    for hook in hooks:
-      local = hook(len(calls), local)
-    return real_global_batch(mesh, local)
-
-  def install(hook):
-    hooks.clear()
-    calls.clear()
-    if hook is not None:
-      hooks.append(hook)
-
-  monkeypatch.setattr(train, 'global_batch', global_batch)
-  yield install
+def _train(config, workdir, hook=None):
+  return train.train(config, str(workdir), _train_iter(config, hook), _evaluate)
 
 
 def _final_state(workdir, config):
-  model, optimizer = train.create_model_and_optimizer(config, train.make_mesh())
-  ckpt = checkpoints.TrainCheckpointer(workdir, config, handle_sigterm=False)
-  step = ckpt.restore(model, optimizer)
-  ckpt.close()
+  model, optimizer = train.create_model_and_optimizer(config, mesh_lib.make_mesh())
+  with checkpoints.TrainCheckpointer(workdir, config, handle_sigterm=False) as ckpt:
+    step = ckpt.restore(model, optimizer)
   return step, _leaves(model) + [np.asarray(x) for x in jax.tree.leaves(
       nnx.to_pure_dict(nnx.state(optimizer)))]
 
 
-def test_kill_and_resume_is_bit_exact(job, tmp_path):
+def test_kill_and_resume_is_bit_exact(tmp_path):
   config = _config()
-  reference = train.train_and_evaluate(config, str(tmp_path / 'uninterrupted'))
+  reference = _train(config, tmp_path / 'uninterrupted')
 
   def kill_at_step_5(call, local):
     if call == 5:
       raise KeyboardInterrupt('killed')
     return local
-  job(kill_at_step_5)
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(config, str(tmp_path / 'killed'))
-  job(None)
+    _train(config, tmp_path / 'killed', kill_at_step_5)
   assert checkpoints.read_meta(tmp_path / 'killed')['step'] == 4
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'killed'))
+  resumed = _train(config, tmp_path / 'killed')
 
   def sigterm_at_step_3(call, local):
     if call == 3:
       os.kill(os.getpid(), signal.SIGTERM)
     return local
-  job(sigterm_at_step_3)
-  assert train.train_and_evaluate(config, str(tmp_path / 'preempted')) is None
-  job(None)
+  assert _train(config, tmp_path / 'preempted', sigterm_at_step_3) is None
   assert checkpoints.read_meta(tmp_path / 'preempted')['step'] == 3
-  train.train_and_evaluate(config, str(tmp_path / 'preempted'))
+  _train(config, tmp_path / 'preempted')
 
   assert resumed == reference
   step, want = _final_state(tmp_path / 'uninterrupted', config)
@@ -221,102 +236,104 @@ def test_kill_and_resume_is_bit_exact(job, tmp_path):
   np.testing.assert_allclose([r['lr'] for r in records if 'lr' in r],
                              [losses.poly_schedule(config)(s - 1) for s in (2, 4, 6)], rtol=1e-6)
   assert records[-1]['mAUPR'] == reference['mAUPR']
+  saved = ml_collections.ConfigDict(json.loads((tmp_path / 'uninterrupted' / 'config.json').read_text()))
+  assert saved.batch_size == 8 and saved.model.width == 4 and tuple(saved.data.crop_size) == (960, 1440)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(job, tmp_path):
+def test_logged_loss_is_the_mean_over_the_window(tmp_path):
+  config = _config(num_train_steps=4, log_every_steps=4, checkpoint_every_steps=100)
+  batches = []
+  _train(config, tmp_path, lambda call, batch: batches.append(batch) or batch)
+  (record,) = [json.loads(line) for line in open(tmp_path / 'log.jsonl') if 'loss' in line]
+  model, optimizer = train.create_model_and_optimizer(config, mesh_lib.make_mesh())
+  graphdef, state = nnx.split((model, optimizer))
+  step = train.make_train_step(graphdef, losses.dice_loss, mesh_lib.make_mesh())
+  step_losses = []
+  for batch in batches:
+    state, loss = step(state, mesh_lib.global_batch(mesh_lib.make_mesh(), batch))
+    step_losses.append(float(loss))
+  assert record['loss'] == pytest.approx(np.mean(step_losses), rel=1e-6)
+
+
+def test_nan_loss_stops_within_the_window_and_keeps_last_good_checkpoint(tmp_path):
   def nan_at_step_3(call, local):
     return {**local, 'image': local['image'] * np.nan} if call == 3 else local
-  job(nan_at_step_3)
-  with pytest.raises(FloatingPointError, match='loss is nan at step 3.*step 2'):
-    train.train_and_evaluate(_config(), str(tmp_path))
+  with pytest.raises(FloatingPointError, match=r'loss is nan within steps \[3, 4\].*step 2'):
+    _train(_config(), tmp_path, nan_at_step_3)
   assert checkpoints.read_meta(tmp_path)['step'] == 2
 
 
-def test_refuses_to_resume_another_variant(job, tmp_path):
-  train.train_and_evaluate(_config(num_train_steps=2), str(tmp_path))
+def test_refuses_to_resume_another_variant(tmp_path):
+  _train(_config(num_train_steps=2), tmp_path)
   other = _config(num_train_steps=2)
   other.model.variant = 'a'
   with pytest.raises(ValueError, match='refusing to resume.*variant c width 4; config asks for '
                                        'variant a width 4'):
-    train.train_and_evaluate(other, str(tmp_path))
+    _train(other, tmp_path)
 
 
-def test_zero_steps_evaluates_the_initial_model(job, tmp_path):
+def test_zero_steps_evaluates_the_initial_model(tmp_path):
   config = _config(num_train_steps=0)
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  metrics = train.train(config, str(tmp_path), None, _evaluate)
   initial = models.build(config.model, nnx.Rngs(config.seed))
-  assert metrics == _evaluate_model(initial, None, None, None)
+  assert metrics == _evaluate(initial, None, None)
   assert checkpoints.TrainCheckpointer(tmp_path, config).latest_step() is None
 
 
-def test_unknown_config_key_lists_valid_keys():
+def test_configs_are_locked():
   config = _config()
-  config.model.unlock()
-  config.model.depth = 3
-  with pytest.raises(ValueError, match=r'unknown config key config\.model\.depth; valid keys of '
-                                       r'config\.model: dtype, encode_rate, fc_rate'):
-    train.validate_config(config)
-  with pytest.raises(ValueError, match=r'config\.bogus .*valid keys of config: aupr_fine'):
-    train.check_overrides(['--config.batch_size=2', '--config.bogus=1'])
-  train.check_overrides(['--config.data.crop_size=(8, 8)', '--workdir=/tmp'])
+  with pytest.raises(AttributeError, match='Did you mean "width"'):
+    config.model.widht = 3
+
+
+@pytest.mark.slow
+def test_cli_rejects_an_unknown_config_key(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'm2mrf_jax.main', '--config=configs/demo.py', f'--workdir={tmp_path}',
+       '--config.model.widht=18'], cwd=ROOT, capture_output=True, text=True, check=False)
+  assert result.returncode == 1
+  assert 'unknown config key \'widht\'\nDid you mean "width"' in result.stderr
+  assert not list(tmp_path.iterdir())  # nothing written
 
 
 # ---- TensorBoard events, read back with protobuf and an independent CRC ---------------------
 
 
-def _crc32c_bitwise(data):
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc ^= byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ (0x82F63B78 * (crc & 1))
-  return crc ^ 0xFFFFFFFF
-
-
-def _event_class():
-  """tensorflow/core/util/event.proto (the fields written here), built at run time."""
-  # pylint: disable-next=g-import-not-at-top
-  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-  f = descriptor_pb2.FileDescriptorProto(name='event_test.proto', package='t')
-  value = f.message_type.add(name='Value')
-  value.field.add(name='tag', number=1, type=9, label=1)
-  value.field.add(name='simple_value', number=2, type=2, label=1)
-  summ = f.message_type.add(name='Summary')
-  summ.field.add(name='value', number=1, type=11, label=3, type_name='.t.Value')
-  event = f.message_type.add(name='Event')
-  event.field.add(name='wall_time', number=1, type=1, label=1)
-  event.field.add(name='step', number=2, type=3, label=1)
-  event.field.add(name='file_version', number=3, type=9, label=1)
-  event.field.add(name='summary', number=5, type=11, label=1, type_name='.t.Summary')
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(f)
-  return message_factory.GetMessageClass(pool.FindMessageTypeByName('t.Event'))
-
-
-def test_crc32c_known_value():
-  assert summary.crc32c(b'123456789') == 0xE3069283
-
-
 def test_summary_writer_jsonl_and_tensorboard_events(tmp_path):
-  writer = summary.SummaryWriter(str(tmp_path))
-  writer.scalars(10, {'loss': 0.5, 'lr': 0.01})
-  writer.scalars(2**40, {'mAUPR': 0.25})
-  writer.close()
+  image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  with summary.Writer(str(tmp_path)) as writer:
+    writer.write_scalars(10, {'loss': 0.5, 'lr': 0.01})
+    writer.write_scalars(2**40, {'mAUPR': 0.25})
+    writer.write_image(3, 'overlay', image)
   assert [json.loads(l) for l in open(tmp_path / 'log.jsonl')] == [
       {'step': 10, 'loss': 0.5, 'lr': 0.01}, {'step': 2**40, 'mAUPR': 0.25}]
-
-  data = open(writer.events_path, 'rb').read()
-  mask = lambda c: (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-  events, pos, event_class = [], 0, _event_class()
-  while pos < len(data):
-    (length,) = struct.unpack_from('<Q', data, pos)
-    (length_crc,) = struct.unpack_from('<I', data, pos + 8)
-    assert length_crc == mask(_crc32c_bitwise(data[pos:pos + 8]))
-    payload = data[pos + 12:pos + 12 + length]
-    assert struct.unpack_from('<I', data, pos + 12 + length)[0] == mask(_crc32c_bitwise(payload))
-    events.append(event_class.FromString(payload))
-    pos += 16 + length
+  events = read_events(tmp_path)
   assert events[0].file_version == 'brain.Event:2'
-  got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
-  assert got == [(10, {'loss': 0.5, 'lr': pytest.approx(0.01)}), (2**40, {'mAUPR': 0.25})]
+  got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:4]]
+  assert got == [(10, {'loss': 0.5}), (10, {'lr': pytest.approx(0.01)}), (2**40, {'mAUPR': 0.25})]
+  (value,) = events[4].summary.value
+  assert (events[4].step, value.tag, value.image.height, value.image.width) == (3, 'overlay', 5, 7)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string))),
+                                image)
   assert all(e.wall_time > 1e9 for e in events)
+
+
+@pytest.mark.slow
+def test_demo_job_end_to_end(tmp_path):
+  """main -> train_and_evaluate with the real data, model and evaluation: the demo, 2 steps, tiny data."""
+  result = subprocess.run(
+      [sys.executable, '-m', 'm2mrf_jax.main', '--config=configs/demo.py', f'--workdir={tmp_path}',
+       '--config.num_train_steps=2', '--config.log_every_steps=1', '--config.batch_size=2',
+       '--config.data.synthetic_num_train=2', '--config.data.synthetic_num_test=1',
+       '--config.data.synthetic_image_size=(64, 96)', '--config.data.img_scale=(96, 64)',
+       '--config.data.crop_size=(64, 64)'],
+      cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
+  assert [r['step'] for r in records if 'loss' in r] == [1, 2]
+  scores = json.loads((tmp_path / 'metrics.json').read_text())
+  assert scores['num_images'] == 1 and records[-1]['mAUPR'] == pytest.approx(scores['mAUPR'])
+  assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == 2
+  assert checkpoints.read_meta(tmp_path)['step'] == 2
+  assert [v.tag for e in read_events(tmp_path) for v in e.summary.value if v.HasField('image')] == [
+      'pr_curves', 'overlay']

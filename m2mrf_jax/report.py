@@ -1,0 +1,68 @@
+"""Reporting scores: the paper's table (printed), metrics.json, pr_curves.png, TensorBoard."""
+import json
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from data_pipelines.lesions import CLASSES
+from m2mrf_jax import visualize
+
+METRICS_FILE = 'metrics.json'
+PR_CURVES_FILE = 'pr_curves.png'
+
+
+def format_table(scores: dict) -> str:
+  """The paper's layout: AUPR, F and IoU per class and their mean, in percent (+ the fine AUPR)."""
+  names = list(CLASSES) + ['mean']
+  rows = [('AUPR', scores['aupr'], scores['mAUPR']), ('F', scores['f1'], scores['mF1']),
+          ('IoU', scores['iou'], scores['mIoU'])]
+  fine = len(scores['recall_fine'])
+  rows.append((f'AUPR-{fine} (extra)', scores['aupr_fine'], scores['mAUPR_fine']))
+  width = max(len(r[0]) for r in rows)
+  lines = [' ' * width + ''.join(f'{n:>9}' for n in names)]
+  for label, per_class, mean in rows:
+    lines.append(f'{label:<{width}}' + ''.join(f'{100 * v:9.2f}' for v in (*per_class, mean)))
+  lines.append(f'(%; official 11-threshold AUPR, F and IoU at prob > 0.5; AUPR-{fine} is the same curve '
+               f'at {fine} thresholds, not in the paper)')
+  return '\n'.join(lines)
+
+
+def to_json(scores: dict) -> dict:
+  """metrics.json content: fractions, per class by name, means, official 11-point curves."""
+  out = {k: scores[k] for k in ('mAUPR', 'mIoU', 'mF1', 'mAUPR_fine')}
+  for key in ('aupr', 'iou', 'f1', 'ppv', 'sensitivity', 'aupr_fine'):
+    out[key] = dict(zip(CLASSES, np.asarray(scores[key]).tolist()))
+  out['curve'] = {'thresholds': scores['thresholds'].tolist(),
+                  'precision': dict(zip(CLASSES, scores['precision'].T.tolist())),
+                  'recall': dict(zip(CLASSES, scores['recall'].T.tolist()))}
+  if 'num_images' in scores:
+    out['num_images'] = scores['num_images']
+  return out
+
+
+def scalars(scores: dict) -> dict:
+  """The scalar entries of a scores dict (mAUPR, mIoU, mF1, ...), for log.jsonl and TensorBoard."""
+  return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def write(scores: dict, workdir, writer=None, step: int = 0) -> None:
+  """Prints the table, writes metrics.json and pr_curves.png into `workdir` (process 0 only).
+
+  With a `summary.Writer`, the PR curves also go to TensorBoard as the image 'pr_curves' at `step`,
+  and `scores['overlay']` (`evaluate.overlay_panel`), if present, as the image 'overlay'.
+  """
+  if jax.process_index() != 0:
+    return
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  print(format_table(scores), flush=True)
+  (workdir / METRICS_FILE).write_text(json.dumps(to_json(scores), indent=1))
+  figure = visualize.pr_curves(scores)
+  figure.savefig(workdir / PR_CURVES_FILE, dpi=100)
+  if writer is not None:
+    writer.write_image(step, 'pr_curves', visualize.to_array(figure))
+    if 'overlay' in scores:
+      writer.write_image(step, 'overlay', scores['overlay'])
+  logging.info('wrote %s and %s in %s', METRICS_FILE, PR_CURVES_FILE, workdir)
