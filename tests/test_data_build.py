@@ -150,8 +150,8 @@ def test_idrid_without_optic_disc_folder_in_a_doubly_nested_unzip(downloads, dat
   for manual_dir in (outer, tmp_path / 'unzipped'):
     build.build('idrid', manual_dir, tmp_path / f'tfds_{manual_dir.name}')
     for split in ('train', 'test'):
-      examples = data_pipelines.load('idrid', split, tmp_path / f'tfds_{manual_dir.name}')
-      reference = data_pipelines.load('idrid', split, data_dir)
+      examples = sources.load('idrid', split, tmp_path / f'tfds_{manual_dir.name}')
+      reference = sources.load('idrid', split, data_dir)
       assert len(examples) == len(reference) == IDRID_COUNTS[split]
       for example, expected in zip(examples, reference):
         np.testing.assert_array_equal(example['image'], expected['image'])
