@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 # Model config keys that change the parameter tree; dtype and remat do not.
-STRUCTURE_KEYS = ('variant', 'width', 'num_classes', 'patch_size', 'encode_rate', 'fc_rate')
+STRUCTURE_KEYS = ('variant', 'down', 'up', 'width', 'num_classes', 'patch_size', 'encode_rate', 'fc_rate')
 
 
 def _to_dict(config):

@@ -13,7 +13,7 @@ from configs.common import model_config
 from m2mrf_jax import hrnet
 from m2mrf_jax import layers
 from m2mrf_jax import models
-from m2mrf_jax.m2mrf import M2MRF
+from m2mrf_jax.resampling.m2mrf import M2MRF
 
 # The official segmentor, W48 + FCN head, 4 classes (paper Table / official-code.md section 2):
 # total parameters, M2MRF-only parameters, M2MRF instances, state_dict keys.
