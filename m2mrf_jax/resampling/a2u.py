@@ -17,23 +17,26 @@ import math
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m2mrf_jax import layers
-from m2mrf_jax.resampling.windows import pad_to_even, pixel_shuffle, reassemble_down, reassemble_up
-from m2mrf_jax.resampling.windows import windows
+from m2mrf_jax.resampling.windows import pad_to_even, pixel_shuffle, reassemble_up, windows
+
+
+def _cells(n: int, size: int):
+  """(size, n) averaging matrix of `F.adaptive_avg_pool2d`: cell i spans
+  [floor(i n / size), ceil((i + 1) n / size))."""
+  m = np.zeros((size, n), np.float32)
+  for i in range(size):
+    start, end = i * n // size, -(-(i + 1) * n // size)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
 
 
 def adaptive_avg_pool(x, size: int):
-  """`F.adaptive_avg_pool2d(x, size)`: (N, H, W, C) -> (N, size, size, C); cell i spans
-  [floor(i H / size), ceil((i + 1) H / size))."""
+  """`F.adaptive_avg_pool2d(x, size)`: (N, H, W, C) -> (N, size, size, C)."""
   _, h, w, _ = x.shape
-
-  def cells(n):
-    return [(i * n // size, -(-(i + 1) * n // size)) for i in range(size)]
-
-  rows = [jnp.stack([x[:, y0:y1, x0:x1].mean((1, 2)) for x0, x1 in cells(w)], axis=1)
-          for y0, y1 in cells(h)]
-  return jnp.stack(rows, axis=1)
+  return jnp.einsum('ih,nhwc,jw->nijc', _cells(h, size), x, _cells(w, size))
 
 
 class GroupNorm(nnx.Module):
@@ -59,7 +62,8 @@ def _conv1x1(c_in, c_out, dtype, rngs):
 
 
 class A2UKernels(nnx.Module):
-  """(N, H, W, C), H and W even -> down kernels (N, H/2, W/2, 4 s^2), up kernels (N, H, W, s^2)."""
+  """x (N, H, W, C), H and W even, and its `windows(x, k, 2, ((k - 1) // 2,) * 2)` patches
+  -> down kernels (N, H/2, W/2, 4 s^2), up kernels (N, H, W, s^2)."""
 
   def __init__(self, channels: int, up_kernel: int = 3, encode_kernel: int = 6, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
@@ -73,15 +77,14 @@ class A2UKernels(nnx.Module):
     self.bconv_U = _conv1x1(channels, 1, dtype, rngs)
     self.bconv_V = _conv1x1(channels, 1, dtype, rngs)
 
-  def __call__(self, x):
-    n, h, w, c = x.shape
+  def __call__(self, x, patches):
+    n, _, _, c = x.shape
     mean = x.mean((1, 2), keepdims=True)
     p_u = self.bconv_UP(mean).reshape(n, -1)  # (N, 4 s^2)
     p_d = self.bconv_DP(mean).reshape(n, -1)
-    u = self.bconv_U(adaptive_avg_pool(x, self.k)).reshape(n, -1)  # (N, k^2)
-    v = self.bconv_V(adaptive_avg_pool(x, self.k)).reshape(n, -1)
-    pad = (self.k - 1) // 2
-    patches = windows(x, self.k, 2, (pad, pad))  # (N, H/2, W/2, k^2, C)
+    pooled = adaptive_avg_pool(x, self.k)
+    u = self.bconv_U(pooled).reshape(n, -1)  # (N, k^2)
+    v = self.bconv_V(pooled).reshape(n, -1)
     leaky = lambda y: jax.nn.leaky_relu(y, 0.01)
     xu = leaky(self.bnu(jnp.einsum('nhwtc,nt->nhwc', patches, u)))
     xv = leaky(self.bnv(jnp.einsum('nhwtc,nt->nhwc', patches, v)))
@@ -93,19 +96,26 @@ class A2UKernels(nnx.Module):
 
 
 class A2UDown(nnx.Module):
-  """(N, H, W, C) -> ((N, ceil(H/2), ceil(W/2), C), guide (up kernels, (H, W))) for `A2UUp`."""
+  """(N, H, W, C) -> ((N, ceil(H/2), ceil(W/2), C), guide (up kernels, (H, W))) for `A2UUp`.
+
+  The 6x6 windows from 2 pixels before each even pixel are those of the encoder's stride-2 convs
+  (padding 2) on an even map, so one set of patches serves both.
+  """
 
   def __init__(self, channels: int, up_kernel: int = 3, encode_kernel: int = 6, *,
                dtype=jnp.float32, rngs: nnx.Rngs):
+    if encode_kernel != 2 * up_kernel:
+      raise ValueError(f'A2U encode kernel {encode_kernel} must be twice the up kernel {up_kernel}')
     self.kernel_size = 2 * up_kernel
     self.kernels = A2UKernels(channels, up_kernel, encode_kernel, dtype=dtype, rngs=rngs)
 
   def __call__(self, x):
     size = x.shape[1:3]
     x = pad_to_even(x)
-    down, up = self.kernels(x)
     k = self.kernel_size
-    y = reassemble_down(x, down, k, ((k - 2) // 2, k // 2))
+    patches = windows(x, k, 2, ((k - 1) // 2, (k - 1) // 2))  # (N, H/2, W/2, k^2, C)
+    down, up = self.kernels(x, patches)
+    y = jnp.einsum('nhwtc,nhwt->nhwc', patches, down.astype(x.dtype))
     return y, (up, size)
 
 
