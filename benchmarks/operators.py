@@ -10,9 +10,7 @@ across machines; the paper's FPS ratio to 11.31 is printed beside it.
 """
 import importlib
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from benchmarks.compiled import compile_forward, median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # config (configs/ddr_<name>.py) -> (Table 2 Downsample / Upsample, Param(M), FPS).
@@ -56,21 +55,9 @@ def measure(name, x):
   model = models.build(config, nnx.Rngs(0))
   model.eval()
   params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  start = time.perf_counter()
-  compiled = forward.lower(state, x).compile()
-  compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  gflops = cost.get('flops', float('nan')) / x.shape[0] / 1e9
-  compiled(state, x).block_until_ready()
-  times = []
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    compiled(state, x).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return params, gflops, compile_s, x.shape[0] / statistics.median(times)
+  run, compile_s, flops = compile_forward(model, x)
+  run()
+  return params, flops / 1e9, compile_s, x.shape[0] / median_seconds(run, _REPEATS.value)
 
 
 def main(argv):
