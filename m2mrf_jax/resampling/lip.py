@@ -7,6 +7,7 @@ lip(x) = sum_3x3(x * exp(logit)) / sum_3x3(exp(logit)) over 3x3 windows, stride 
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from m2mrf_jax import layers
 
@@ -37,7 +38,8 @@ def _zeros(key, shape):
 
 def sum_pool(x):
   """3x3 window sums, stride 2, zero padding 1: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), C)."""
-  return jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 2, 2, 1),
+  # A NumPy (constant) init value: lax recognises the sum monoid and can differentiate it under jit.
+  return jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, (1, 3, 3, 1), (1, 2, 2, 1),
                                ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
