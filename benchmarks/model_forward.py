@@ -6,9 +6,7 @@ Prints one row per variant: parameters, XLA FLOPs per image (cost_analysis of th
 JAX compile time, JAX and PyTorch median forward time per image (eval mode, float32, this machine).
 """
 import os
-import statistics
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from benchmarks.compiled import compile_forward, median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs.common import model_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import hrnet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -30,31 +29,14 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed forwards per model (median 
 _TORCH = flags.DEFINE_bool('torch', True, 'Also time tests/torch_reference.py.')
 
 
-def _median_seconds(fn, repeats):
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def time_jax(variant, x):
   """(parameters, FLOPs per image, compile s, forward s per image) of the jitted eval forward."""
   model = models.build(model_config(variant, _WIDTH.value), nnx.Rngs(0))
   model.eval()
   params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-  start = time.perf_counter()
-  compiled = forward.lower(state, x).compile()
-  compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = cost.get('flops', float('nan')) / x.shape[0]
-  compiled(state, x).block_until_ready()
-  seconds = _median_seconds(lambda: compiled(state, x).block_until_ready(), _REPEATS.value)
-  return params, flops, compile_s, seconds / x.shape[0]
+  run, compile_s, flops = compile_forward(model, x)
+  run()
+  return params, flops, compile_s, median_seconds(run, _REPEATS.value) / x.shape[0]
 
 
 def time_torch(variant, x):
@@ -70,7 +52,7 @@ def time_torch(variant, x):
   xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
   with torch.no_grad():
     model(xt)
-    seconds = _median_seconds(lambda: model(xt), _REPEATS.value)
+    seconds = median_seconds(lambda: model(xt), _REPEATS.value)
   return seconds / x.shape[0]
 
 

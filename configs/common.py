@@ -29,7 +29,10 @@ DATASETS = {
 def model_config(variant='c', width=48):
   """The `model` section: fully describes the network."""
   m = ml_collections.ConfigDict()
-  m.variant = variant  # base | a | b | c | d (m2mrf_jax.hrnet.VARIANTS)
+  m.variant = variant  # base | a | b | c | d: the released models (converter, checkpoints)
+  # Resampling operators, '' = the variant's (see m2mrf_jax/hrnet.py Resampling, README table):
+  m.down = ''  # strideconv | maxpool | lip | carafe | indexnet | a2u | m2mrf_onestep | m2mrf_cascade
+  m.up = ''  # bilinear | unpool | deconv | carafe | indexnet | a2u | m2mrf_onestep | m2mrf_cascade
   m.width = width  # HRNetV2 width: 18, 32 or 48
   m.num_classes = 4  # EX, HE, SE, MA; sigmoid per class, no background channel
   m.patch_size = 8  # S: M2MRF patch size (official m2mrf_patch_size=(8, 8))

@@ -22,7 +22,7 @@ from orbax.checkpoint import checkpoint_managers
 from m2mrf_jax import mesh as mesh_lib
 
 # Model config keys that change the parameter tree; dtype and remat do not.
-STRUCTURE_KEYS = ('variant', 'width', 'num_classes', 'patch_size', 'encode_rate', 'fc_rate')
+STRUCTURE_KEYS = ('variant', 'down', 'up', 'width', 'num_classes', 'patch_size', 'encode_rate', 'fc_rate')
 
 
 def _to_dict(config):

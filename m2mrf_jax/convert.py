@@ -109,11 +109,11 @@ def _first_present(shapes, prefix, probes):
 def describe(shapes):
   """'variant c / width 48 / 4 classes' from mmseg keys -> torch shapes (parts it cannot tell are '?')."""
   down = _first_present(shapes, 'backbone.stage3.0.fuse_layers.2.0.', (
-      ('1.0.sample_encode_conv.weight', 'cascade'), ('0.0.sample_encode_conv.weight', 'onestep'),
-      ('0.0.weight', 'conv')))
+      ('1.0.sample_encode_conv.weight', 'm2mrf_cascade'),
+      ('0.0.sample_encode_conv.weight', 'm2mrf_onestep'), ('0.0.weight', 'strideconv')))
   up = _first_present(shapes, 'backbone.stage2.0.fuse_layers.0.1.', (
-      ('sample_0.sample_encode_conv.weight', 'cascade'), ('2.sample_encode_conv.weight', 'onestep'),
-      ('0.weight', 'bilinear')))
+      ('sample_0.sample_encode_conv.weight', 'm2mrf_cascade'),
+      ('2.sample_encode_conv.weight', 'm2mrf_onestep'), ('0.weight', 'bilinear')))
   variant = {paths: name for name, paths in hrnet.VARIANTS.items()}.get((down, up), '?')
   width = shapes.get('backbone.stage2.0.branches.0.0.conv1.weight', ('?',))[0]
   text = f'variant {variant} / width {width}'

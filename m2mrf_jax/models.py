@@ -67,7 +67,8 @@ def build(model_config, rngs: nnx.Rngs) -> Segmentor:
   dtype = DTYPES[model_config.dtype]
   rngs = layers.KeyStream(rngs)
   backbone = HRNet(model_config.variant, model_config.width, model_config.patch_size,
-                   model_config.encode_rate, model_config.fc_rate, dtype=dtype,
+                   model_config.encode_rate, model_config.fc_rate,
+                   down=model_config.get('down', ''), up=model_config.get('up', ''), dtype=dtype,
                    remat=model_config.remat, rngs=rngs)
   head = FCNHead(backbone.channels, model_config.num_classes, dtype=dtype, rngs=rngs)
   return Segmentor(backbone, head, dtype)

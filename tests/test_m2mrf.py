@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from m2mrf_jax import convert
-from m2mrf_jax.m2mrf import M2MRF
+from m2mrf_jax.resampling.m2mrf import M2MRF
 
 SCALES = [2.0 ** t for t in range(-3, 4)]
 SIZES = [(13, 21), (17, 9), (16, 24)]

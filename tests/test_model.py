@@ -13,7 +13,7 @@ from configs.common import model_config
 from m2mrf_jax import hrnet
 from m2mrf_jax import layers
 from m2mrf_jax import models
-from m2mrf_jax.m2mrf import M2MRF
+from m2mrf_jax.resampling.m2mrf import M2MRF
 from tests.conftest import tiered
 
 # The official segmentor, W48 + FCN head, 4 classes (paper Table / official-code.md section 2):
