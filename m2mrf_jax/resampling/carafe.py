@@ -15,7 +15,7 @@ from m2mrf_jax.resampling.windows import pixel_shuffle, reassemble_down, reassem
 
 
 def _normal_0001(key, shape):
-  return layers.sample(key, shape, 'normal', 0.001)
+  return layers.blocked_random(key, shape, 'normal', 0.001)
 
 
 class CARAFE(nnx.Module):
