@@ -20,6 +20,7 @@ import data_pipelines
 from data_pipelines import pipeline
 from m2mrf_jax import checkpoints
 from m2mrf_jax import convert
+from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
 from m2mrf_jax import losses
 from m2mrf_jax import models
@@ -134,7 +135,8 @@ def _check_batch(config):
   devices, accum = jax.device_count(), config.grad_accum_steps
   if config.batch_size % (accum * devices):
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
-                     f'config.grad_accum_steps={accum} x {devices} devices')
+                     f'config.grad_accum_steps={accum} x {devices} devices (of '
+                     f'{jax.process_count()} processes)')
 
 
 def _evaluate(model, config, data_dir, mesh, workdir, step, writer):
@@ -166,10 +168,6 @@ def train_and_evaluate(config, workdir):
                jax.device_count(), jax.process_count(), config.batch_size,
                config.batch_size // config.grad_accum_steps)
   data_dir = data_pipelines.prepare(config.data, workdir)
-  train_iter = None
-  if config.num_train_steps > 0:
-    train_iter = pipeline.train_iterator(config.data, data_dir, batch_size=config.batch_size,
-                                         seed=config.seed)
 
   # ---- Model, optimizer, resume -----------------------------------------------------------
   model, optimizer = create_model_and_optimizer(config, mesh)
@@ -178,10 +176,14 @@ def train_and_evaluate(config, workdir):
   try:
     if ckpt.latest_step() is None:
       load_pretrained(config, model)
-    step = ckpt.restore(model, optimizer, train_iter)
+    step = ckpt.restore(model, optimizer)
     if step:
       logging.info('Resumed from step %d of %s.', step, workdir)
     saved_step = step if ckpt.latest_step() is not None else None
+    if step < config.num_train_steps:  # global batch k is a function of (seed, k) only
+      rows = distributed.process_rows(NamedSharding(mesh, P('data')), config.batch_size)
+      train_iter = pipeline.train_iterator(config.data, data_dir, batch_size=config.batch_size,
+                                           seed=config.seed, start_step=step, rows=rows)
 
     # ---- Training loop --------------------------------------------------------------------
     graphdef, state = nnx.split((model, optimizer))
@@ -215,7 +217,7 @@ def train_and_evaluate(config, workdir):
       preempted = ckpt.preempted(step)
       if preempted or (step % config.checkpoint_every_steps == 0 and step < num_steps):
         nnx.update((model, optimizer), state)
-        ckpt.save(step, model, optimizer, train_iter)
+        ckpt.save(step, model, optimizer)
         saved_step = step
       if preempted:
         logging.warning('Preempted: saved step %d in %s; run again to resume.', step, workdir)
@@ -230,7 +232,7 @@ def train_and_evaluate(config, workdir):
                    metrics['mIoU'], metrics['mF1'])
     finally:
       if step > 0 and saved_step != step:
-        ckpt.save(step, model, optimizer, train_iter, metrics=metrics)
+        ckpt.save(step, model, optimizer, metrics=metrics)
     return metrics
   finally:
     ckpt.close()
