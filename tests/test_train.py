@@ -22,21 +22,9 @@ from m2mrf_jax import losses
 from m2mrf_jax import models
 from m2mrf_jax import summary
 from m2mrf_jax import train
+from tests.multiprocess_job import TinySegmenter
 
 SIZE = 8  # image side
-
-
-class TinySegmenter(nnx.Module):
-  """conv3x3 -> BN (torch momentum 0.1) -> ReLU -> conv1x1: (N, H, W, 3) -> (N, H, W, C)."""
-
-  def __init__(self, model_config, rngs):
-    width = model_config.width
-    self.conv = nnx.Conv(3, width, (3, 3), rngs=rngs)
-    self.bn = nnx.BatchNorm(width, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
-    self.head = nnx.Conv(width, model_config.num_classes, (1, 1), rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jax.nn.relu(self.bn(self.conv(x))))
 
 
 @pytest.fixture(autouse=True)
