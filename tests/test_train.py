@@ -14,6 +14,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import common
@@ -309,3 +310,28 @@ def test_summary_writer_jsonl_and_tensorboard_events(tmp_path):
   got = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events[1:]]
   assert got == [(10, {'loss': 0.5, 'lr': pytest.approx(0.01)}), (2**40, {'mAUPR': 0.25})]
   assert all(e.wall_time > 1e9 for e in events)
+
+
+def test_resumes_a_checkpoint_holding_grain_iterator_state(tmp_path):
+  # Checkpoints written before the data became a function of the step hold a `data` item.
+  config = _config()
+  mesh = train.make_mesh()
+  model, optimizer = train.create_model_and_optimizer(config, mesh)
+  nnx.update(model, jax.tree.map(lambda x: x + 1, nnx.state(model, nnx.Param)))
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  next(iterator)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(2, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
+        meta=ocp.args.JsonSave({'model': config.model.to_dict(), 'step': 2,
+                                'config': config.to_dict()}),
+        data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  assert (tmp_path / '2' / 'data').exists()
+  step, got = _final_state(tmp_path, config)
+  assert step == 2
+  want = _leaves(model) + [np.asarray(x) for x in
+                           jax.tree.leaves(nnx.to_pure_dict(nnx.state(optimizer)))]
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(a, b)
