@@ -23,7 +23,7 @@ from m2mrf_jax import checkpoints
 from m2mrf_jax import distributed
 from m2mrf_jax import models
 from m2mrf_jax import train
-from tests.multiprocess_job import TinySegmenter
+from tests.tiny_model import TinySegmenter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600  # seconds for one launch (all its processes)

@@ -23,7 +23,7 @@ from m2mrf_jax import losses
 from m2mrf_jax import models
 from m2mrf_jax import summary
 from m2mrf_jax import train
-from tests.multiprocess_job import TinySegmenter
+from tests.tiny_model import TinySegmenter
 
 SIZE = 8  # image side
 
