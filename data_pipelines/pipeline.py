@@ -1,4 +1,4 @@
-"""grain input pipelines: this process's shard of a TFDS split -> official transforms -> batches.
+"""grain input pipelines: a TFDS split -> official transforms -> this process's rows of each batch.
 
 Training (mmseg 0.8 train pipeline, in order): the offline x6 dihedral augmentation (done on the fly),
 Resize(img_scale, ratio_range, keep_ratio), RandomCrop(crop_size) without cat_max_ratio (with fundus
@@ -9,7 +9,9 @@ resized (nearest), which equals resizing them whole. The opt-in `reduced_decode`
 1/4 or 1/8 scale (DCT scaling) when the rescaled image is that small and resizes only the crop window
 with Pillow's antialiased bilinear: faster, but not the official input (README).
 """
+import collections.abc
 import dataclasses
+import sys
 
 from absl import flags
 import grain
@@ -141,20 +143,55 @@ def train_transform(data_config):
       reduced_decode=bool(data_config.reduced_decode))
 
 
-def train_dataset(data_config, data_dir, *, batch_size, seed, process_index, process_count):
-  """The infinite training `grain.IterDataset` of one process (see `train_iterator`)."""
+class ProcessRows(collections.abc.Sequence):
+  """This process's rows of every global batch from `start_step` on, as one sequence of examples.
+
+  Element i is row rows[i % len(rows)] of global batch start_step + i // len(rows), i.e. example
+  (start_step + i // len(rows)) * batch_size + rows[i % len(rows)] of the infinite `stream`.
+  """
+
+  def __init__(self, stream, batch_size, rows, start_step):
+    self._stream, self._batch_size = stream, batch_size
+    self._rows, self._start_step = tuple(rows), start_step
+
+  def __len__(self):
+    return sys.maxsize
+
+  def __getitem__(self, index):
+    step, row = divmod(index, len(self._rows))
+    return self._stream[(self._start_step + step) * self._batch_size + self._rows[row]]
+
+
+def train_stream(data_config, data_dir, *, seed):
+  """The infinite `grain.MapDataset` of training examples in their global order.
+
+  Example g is a pure function of (seed, g): epoch g // N (N examples) is the permutation of the split
+  drawn from seed + epoch (grain's index shuffle), and its augmentation draws from an rng seeded by
+  (seed, g) (grain's random_map). Global batch k is examples k B .. k B + B - 1.
+  """
+  source = sources.raw_source(data_config.name, data_config.train_split, data_dir)
+  return (grain.MapDataset.source(source).seed(seed)
+          .shuffle()  # a new permutation each epoch
+          .repeat()
+          .random_map(train_transform(data_config)))
+
+
+def default_rows(batch_size, process_index, process_count):
+  """The rows of a global batch that process p holds under a 1-D mesh of equal processes: one block."""
   if batch_size % process_count:
     raise ValueError(f'batch_size {batch_size} is not divisible by the {process_count} processes')
-  source = sources.raw_source(data_config.name, data_config.train_split, data_dir)
-  if len(source) < process_count:
-    raise ValueError(f'{len(source)} training examples cannot be shared by {process_count} processes')
-  process_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-  dataset = (grain.MapDataset.source(source)[process_index::process_count]
-             .seed(process_seed)
-             .shuffle()  # a new order each epoch
-             .repeat()
-             .random_map(train_transform(data_config))
-             .batch(batch_size // process_count, drop_remainder=True))
+  local = batch_size // process_count
+  return range(process_index * local, (process_index + 1) * local)
+
+
+def train_dataset(data_config, data_dir, *, batch_size, seed, start_step=0, rows=None):
+  """This process's `grain.IterDataset` of training batches (see `train_iterator`)."""
+  rows = default_rows(batch_size, jax.process_index(), jax.process_count()) if rows is None else rows
+  if not rows or min(rows) < 0 or max(rows) >= batch_size:
+    raise ValueError(f'rows {rows} are not rows of a global batch of {batch_size}')
+  stream = train_stream(data_config, data_dir, seed=seed)
+  dataset = (grain.MapDataset.source(ProcessRows(stream, batch_size, rows, start_step))
+             .batch(len(rows), drop_remainder=True))
   workers = int(data_config.num_workers)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=1 if workers else 2, prefetch_buffer_size=int(data_config.prefetch)))
@@ -166,24 +203,27 @@ def train_dataset(data_config, data_dir, *, batch_size, seed, process_index, pro
   return dataset
 
 
-def train_iterator(data_config, data_dir, *, batch_size, seed):
-  """Infinite, shuffled, augmented training batches of this process's shard.
+def train_iterator(data_config, data_dir, *, batch_size, seed, start_step=0, rows=None):
+  """Infinite, shuffled, augmented training batches: this process's rows of global batches k >= start_step.
 
-  Deterministic for `seed`; every epoch is reshuffled. The iterator is a `grain.DatasetIterator`:
-  `get_state()` / `set_state(state)` resume it exactly (and orbax saves it with
-  `grain.checkpoint.CheckpointSave(iterator)` / restores with `grain.checkpoint.CheckpointRestore(iterator)`).
+  Global batch k is a pure function of (seed, k), whatever the number of processes and devices
+  (`train_stream`); each process decodes only its rows of it. Resuming at step k needs nothing but k.
 
   Args:
     data_config: the `data` section of the config.
     data_dir: the TFDS data_dir (`prepare.prepare`).
-    batch_size: the global batch; this process yields batch_size // jax.process_count() examples.
+    batch_size: the global batch B.
     seed: the data seed.
+    start_step: the first global batch to yield.
+    rows: the sorted rows of each global batch this process feeds to its devices (e.g.
+      `m2mrf_jax.distributed.process_rows`); None: block p of B / P rows for process p of P.
 
   Returns:
-    an iterator of {'image': float32 (b, crop_h, crop_w, 3), 'label': uint8 (b, crop_h, crop_w, 4)}.
+    an iterator of {'image': float32 (len(rows), crop_h, crop_w, 3),
+    'label': uint8 (len(rows), crop_h, crop_w, 4)}.
   """
   return iter(train_dataset(data_config, data_dir, batch_size=batch_size, seed=seed,
-                            process_index=jax.process_index(), process_count=jax.process_count()))
+                            start_step=start_step, rows=rows))
 
 
 def eval_dataset(data_config, data_dir, split, *, process_index=None, process_count=None):

@@ -5,7 +5,9 @@ steps hold Composite items:
   model      StandardSave of the pure dict of `nnx.state(model)` (parameters and BN statistics)
   meta       JsonSave: {'model': model config dict, 'step': int, 'config': full config (training)}
   opt_state  StandardSave of the pure dict of `nnx.state(optimizer)` (training only)
-  data       the grain iterator state, one JSON file per process (training only)
+
+Training resumes the data at the saved step (global batch k is a function of the seed and k), so no
+data state is saved; the `data` item of older checkpoints (grain iterator states) is ignored.
 """
 import signal
 import threading
@@ -13,7 +15,6 @@ import threading
 from absl import logging
 from etils import epath
 from flax import nnx
-import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -124,8 +125,8 @@ class TrainCheckpointer:
 
   Usage:
     with TrainCheckpointer(workdir, config) as ckpt:
-      step = ckpt.restore(model, optimizer, data_iterator)   # 0 when the workdir is empty
-      ... ckpt.save(step, model, optimizer, data_iterator) ...
+      step = ckpt.restore(model, optimizer)   # 0 when the workdir is empty
+      ... ckpt.save(step, model, optimizer) ...
       if ckpt.preempted(step): ckpt.save(...); stop
   """
 
@@ -168,14 +169,13 @@ class TrainCheckpointer:
     """True once SIGTERM was received or the cluster announced a preemption."""
     return self._sigterm.is_set() or self.manager.reached_preemption(step)
 
-  def save(self, step, model, optimizer, data_iterator=None, metrics=None, force=True):
+  def save(self, step, model, optimizer, metrics=None, force=True):
     """Saves the full training state as step `step` (every process must call this).
 
     Args:
       step: the number of optimizer steps taken.
       model: the NNX model.
       optimizer: its `nnx.Optimizer`.
-      data_iterator: the grain iterator (its position is saved), or None.
       metrics: optional dict of scalars (e.g. with 'mAUPR') used to keep the best checkpoint.
       force: save even if the manager's own policy would skip this step.
 
@@ -187,19 +187,16 @@ class TrainCheckpointer:
         opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
         meta=ocp.args.JsonSave({'model': _to_dict(self.config.model), 'step': int(step),
                                 'config': _to_dict(self.config)}))
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     if metrics is not None:
       metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
-  def restore(self, model, optimizer, data_iterator=None, step=None):
-    """Loads a training checkpoint into `model`, `optimizer` and `data_iterator` in place.
+  def restore(self, model, optimizer, step=None):
+    """Loads a training checkpoint into `model` and `optimizer` in place.
 
     Args:
       model: the NNX model (concrete arrays; their shardings are kept).
       optimizer: its `nnx.Optimizer`.
-      data_iterator: the grain iterator to reposition, or None.
       step: the step to load; the latest if None.
 
     Returns:
@@ -220,8 +217,6 @@ class TrainCheckpointer:
     items = dict(
         model=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(model_state))),
         opt_state=ocp.args.StandardRestore(_abstract(nnx.to_pure_dict(opt_state))))
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     nnx.replace_by_pure_dict(model_state, restored.model)
     nnx.replace_by_pure_dict(opt_state, restored.opt_state)

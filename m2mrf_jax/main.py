@@ -2,8 +2,9 @@
 
 Config fields can be overridden on the command line, e.g. `--config.batch_size=8`; the config is
 locked, so an unknown key fails (ml_collections says "Did you mean ...").
-Multi-host (TPU pods, SLURM, multi-node GPU): pass `--multihost` (or set M2MRF_MULTIHOST=1) on
-every process; `jax.distributed.initialize()` then discovers the cluster.
+Multi-host: pass `--multihost` (or set M2MRF_MULTIHOST=1) on every process. On TPU pods, SLURM and
+Open MPI `jax.distributed.initialize()` discovers the job; elsewhere give --coordinator_address (process
+0's HOST:PORT), --num_processes and --process_id, or their variables (README, "Several hosts").
 """
 import os
 import sys
@@ -14,10 +15,21 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
 from m2mrf_jax import train
 
 FLAGS = flags.FLAGS
+
+
+def _env_int(name):
+  value = os.environ.get(name)
+  try:
+    return None if value in (None, '') else int(value)
+  except ValueError:
+    sys.exit(f'FATAL ${name}={value!r} is not an integer')
+
+
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, logs and metrics go here.')
 flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
@@ -26,6 +38,17 @@ flags.DEFINE_string('checkpoint', '', 'evaluate: an orbax checkpoint directory (
                     'latest in --workdir), e.g. one written by m2mrf_jax.convert.')
 flags.DEFINE_bool('multihost', os.environ.get('M2MRF_MULTIHOST', '') not in ('', '0'),
                   'Call jax.distributed.initialize() (default from $M2MRF_MULTIHOST).')
+flags.DEFINE_string('coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+                    '--multihost: HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS; '
+                    'discovered on TPU pods, SLURM, Open MPI).')
+flags.DEFINE_integer('num_processes', _env_int('M2MRF_NUM_PROCESSES'),
+                     '--multihost: number of processes (default $M2MRF_NUM_PROCESSES; discovered '
+                     'on TPU pods, SLURM, Open MPI).')
+flags.DEFINE_integer('process_id', _env_int('M2MRF_PROCESS_ID'),
+                     '--multihost: this process, 0 .. num_processes - 1 (default $M2MRF_PROCESS_ID; '
+                     'discovered on TPU pods, SLURM, Open MPI).')
+flags.DEFINE_integer('initialization_timeout', 300,
+                     '--multihost: seconds to wait for the coordinator and every process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -43,7 +66,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.multihost:
-    jax.distributed.initialize()
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.initialization_timeout)
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   if FLAGS.mode == 'train':

@@ -19,8 +19,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """A global batch: its leading axis split over the 'data' axis of `mesh`."""
+  return NamedSharding(mesh, P('data'))
+
+
 def global_batch(mesh: Mesh, local_batch: dict) -> dict:
   """This process's NumPy rows {'image', 'label'} -> global arrays sharded over 'data'."""
-  rows = NamedSharding(mesh, P('data'))
+  rows = data_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(rows, np.asarray(v))
           for k, v in local_batch.items()}

@@ -1,4 +1,4 @@
-"""The training job: `train(config, workdir, train_iter, evaluate_fn)`, and `train_and_evaluate`.
+"""The training job: `train(config, workdir, train_data, evaluate_fn)`, and `train_and_evaluate`.
 
 Data parallel with `jax.jit` over a 1-D device mesh ('data'): parameters, BN statistics and
 optimizer state replicated, the global batch sharded over every device of every process. BatchNorm
@@ -21,6 +21,7 @@ from data_pipelines import prepare
 from m2mrf_jax import checkpoints
 from m2mrf_jax import chrono as chrono_lib
 from m2mrf_jax import convert
+from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
 from m2mrf_jax import losses
 from m2mrf_jax import mesh as mesh_lib
@@ -112,17 +113,19 @@ def _check_batch(config):
   devices, accum = jax.device_count(), config.grad_accum_steps
   if config.batch_size % (accum * devices):
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of '
-                     f'config.grad_accum_steps={accum} x {devices} devices')
+                     f'config.grad_accum_steps={accum} x {devices} devices (of '
+                     f'{jax.process_count()} processes)')
 
 
-def train(config, workdir, train_iter, evaluate_fn):
+def train(config, workdir, train_data, evaluate_fn):
   """Trains `config` in `workdir` (resuming from its latest checkpoint), then evaluates.
 
   Args:
     config: a config as `configs/common.py` describes it.
     workdir: holds the orbax checkpoints, config.json, log.jsonl and TensorBoard events.
-    train_iter: a grain iterator of this process's batches {'image', 'label'} (its position is
-      checkpointed); unused (may be None) when `config.num_train_steps` is 0.
+    train_data: (start_step=, rows=) -> an iterator of this process's `rows` of global batches
+      start_step, start_step + 1, ... {'image', 'label'}; each global batch is a function of
+      (seed, step) alone, so resuming needs only the step (`pipeline.train_iterator`).
     evaluate_fn: (model, step, summary.Writer) -> metrics dict with 'mAUPR', 'mIoU', 'mF1'.
 
   Returns:
@@ -145,9 +148,12 @@ def train(config, workdir, train_iter, evaluate_fn):
     # ---- Resume, or start from the pretrained backbone ----------------------------------
     if ckpt.latest_step() is None:
       load_pretrained(config, model)
-    step = ckpt.restore(model, optimizer, train_iter)
+    step = ckpt.restore(model, optimizer)
     if step:
       logging.info('Resumed from step %d of %s.', step, workdir)
+    if step < num_steps:  # global batch k is a function of (seed, k) alone: the step resumes it
+      rows = distributed.process_rows(mesh_lib.data_sharding(mesh), config.batch_size)
+      train_iter = train_data(start_step=step, rows=rows)
 
     # ---- Training loop: losses summed on device, read (and checked) at log and save steps --
     graphdef, state = nnx.split((model, optimizer))
@@ -180,7 +186,7 @@ def train(config, workdir, train_iter, evaluate_fn):
       if save:
         with chrono.paused():
           nnx.update((model, optimizer), state)
-          ckpt.save(step, model, optimizer, train_iter)
+          ckpt.save(step, model, optimizer)
       if preempted:
         logging.warning('Preempted: saved step %d in %s; run again to resume.', step, workdir)
         return None
@@ -195,7 +201,7 @@ def train(config, workdir, train_iter, evaluate_fn):
                    metrics['mIoU'], metrics['mF1'])
     finally:
       if step > 0 and ckpt.latest_step() != step:
-        ckpt.save(step, model, optimizer, train_iter, metrics=metrics)
+        ckpt.save(step, model, optimizer, metrics=metrics)
     return metrics
 
 
@@ -206,11 +212,10 @@ def _hms(seconds):
 def train_and_evaluate(config, workdir):
   """`train` with the real data: the dataset prepared (built on first use), its train iterator and
   the official evaluation of `config.eval_split` (table, metrics.json, PR curves, TensorBoard)."""
+  _check_batch(config)  # before anything is prepared or written
   data_dir = prepare.prepare(config.data, workdir)
-  train_iter = None
-  if config.num_train_steps > 0:
-    train_iter = pipeline.train_iterator(config.data, data_dir, batch_size=config.batch_size,
-                                         seed=config.seed)
+  train_data = functools.partial(pipeline.train_iterator, config.data, data_dir,
+                                 batch_size=config.batch_size, seed=config.seed)
   examples = pipeline.eval_dataset(config.data, data_dir, config.eval_split)
 
   def evaluate_fn(model, step, writer):
@@ -218,4 +223,4 @@ def train_and_evaluate(config, workdir):
     report.write(scores, workdir, writer, step)
     return scores
 
-  return train(config, workdir, train_iter, evaluate_fn)
+  return train(config, workdir, train_data, evaluate_fn)

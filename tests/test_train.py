@@ -1,8 +1,8 @@
 """The training job on 8 fake CPU devices: sharding, global BN, accumulation, resume, guards, logs.
 
 A tiny conv + BN segmenter stands in for HRNet (what is tested is the loop, not the network);
-the data is an in-memory grain dataset passed to `train.train`, so its iterator state is checkpointed
-as the real one, and evaluation is a stand-in function.
+the data is an in-memory grain dataset whose batch k, as the real one's, depends only on (seed, k),
+and evaluation is a stand-in function, both passed to `train.train`.
 """
 import io
 import json
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import common
@@ -33,21 +34,9 @@ from tests.tb_events import read_events
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
+from tests.tiny_model import TinySegmenter
 
 SIZE = 8  # image side
-
-
-class TinySegmenter(nnx.Module):
-  """conv3x3 -> BN (torch momentum 0.1) -> ReLU -> conv1x1: (N, H, W, 3) -> (N, H, W, C)."""
-
-  def __init__(self, model_config, rngs):
-    width = model_config.width
-    self.conv = nnx.Conv(3, width, (3, 3), rngs=rngs)
-    self.bn = nnx.BatchNorm(width, momentum=0.9, epsilon=1e-5, use_fast_variance=False, rngs=rngs)
-    self.head = nnx.Conv(width, model_config.num_classes, (1, 1), rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jax.nn.relu(self.bn(self.conv(x))))
 
 
 @pytest.fixture(autouse=True)
@@ -168,19 +157,24 @@ def test_chrono_leaves_out_the_first_step_and_pauses(monkeypatch):
 # ---- The whole job: train.train with in-memory data and a stand-in evaluation ----------------
 
 
-def _train_iter(config, hook=None):
-  """Batches of 20 in-memory examples; `hook(n, batch)` sees (and may change) the n-th batch."""
+def _train_data(config, hook=None):
+  """`train_data` over 20 in-memory examples: global batch k depends on (seed, k) alone, as the
+  real pipeline's; `hook(n, batch)` sees (and may change) the n-th batch the iterator yields."""
   examples = [{k: v[0] for k, v in _batch(i, 1).items()} for i in range(20)]
-  dataset = (grain.MapDataset.source(examples).seed(config.seed).shuffle().repeat()
-             .batch(config.batch_size).to_iter_dataset())
-  if hook is not None:
-    calls = []
 
-    def counted(batch):
-      calls.append(1)
-      return hook(len(calls), batch)
-    dataset = dataset.map(counted)
-  return iter(dataset)
+  def train_data(*, start_step, rows):
+    assert rows == tuple(range(config.batch_size))  # one process: every row
+    dataset = (grain.MapDataset.source(examples).seed(config.seed).shuffle().repeat()
+               .batch(config.batch_size))[start_step:].to_iter_dataset()
+    if hook is not None:
+      calls = []
+
+      def counted(batch):
+        calls.append(1)
+        return hook(len(calls), batch)
+      dataset = dataset.map(counted)
+    return iter(dataset)
+  return train_data
 
 
 def _evaluate(model, step, writer):
@@ -190,7 +184,7 @@ def _evaluate(model, step, writer):
 
 
 def _train(config, workdir, hook=None):
-  return train.train(config, str(workdir), _train_iter(config, hook), _evaluate)
+  return train.train(config, str(workdir), _train_data(config, hook), _evaluate)
 
 
 def _final_state(workdir, config):
@@ -337,3 +331,28 @@ def test_demo_job_end_to_end(tmp_path):
   assert checkpoints.read_meta(tmp_path)['step'] == 2
   assert [v.tag for e in read_events(tmp_path) for v in e.summary.value if v.HasField('image')] == [
       'pr_curves', 'overlay']
+
+
+def test_resumes_a_checkpoint_holding_grain_iterator_state(tmp_path):
+  # Checkpoints written before the data became a function of the step hold a `data` item.
+  config = _config()
+  mesh = mesh_lib.make_mesh()
+  model, optimizer = train.create_model_and_optimizer(config, mesh)
+  nnx.update(model, jax.tree.map(lambda x: x + 1, nnx.state(model, nnx.Param)))
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  next(iterator)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(2, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
+        opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
+        meta=ocp.args.JsonSave({'model': config.model.to_dict(), 'step': 2,
+                                'config': config.to_dict()}),
+        data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  assert (tmp_path / '2' / 'data').exists()
+  step, got = _final_state(tmp_path, config)
+  assert step == 2
+  want = _leaves(model) + [np.asarray(x) for x in
+                           jax.tree.leaves(nnx.to_pure_dict(nnx.state(optimizer)))]
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_array_equal(a, b)
