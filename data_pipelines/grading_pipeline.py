@@ -66,6 +66,20 @@ def prepare(data_config, workdir):
   return str(data_dir)
 
 
+def square_box(size, image_size):
+  """(top, left, h, w) of an (H, W) photograph resized into the centred `image_size` square."""
+  h, w = transforms.rescale_size(size, (image_size, image_size))
+  return (image_size - h) // 2, (image_size - w) // 2, h, w
+
+
+def pad_square(pixels, image_size):
+  """Centres uint8 (h, w, 3) pixels (h, w <= image_size) on a black (image_size, image_size) square."""
+  out = np.zeros((image_size, image_size, 3), np.uint8)
+  top, left = (image_size - pixels.shape[0]) // 2, (image_size - pixels.shape[1]) // 2
+  out[top:top + pixels.shape[0], left:left + pixels.shape[1]] = pixels
+  return out
+
+
 def fit_square(record, image_size):
   """A raw record's photograph, keep-ratio resized to long side `image_size` and centred on black.
 
@@ -73,13 +87,10 @@ def fit_square(record, image_size):
     uint8 (image_size, image_size, 3).
   """
   size = (int(record['height']), int(record['width']))
-  target = transforms.rescale_size(size, (image_size, image_size))
+  target = square_box(size, image_size)[2:]
   image, factor = codecs.open_jpeg(record['image'], min_size=target)
   pixels = transforms.resize_bilinear(image, target, (0, 0, size[1] / factor, size[0] / factor))
-  out = np.zeros((image_size, image_size, 3), np.uint8)
-  top, left = (image_size - target[0]) // 2, (image_size - target[1]) // 2
-  out[top:top + target[0], left:left + target[1]] = pixels
-  return out
+  return pad_square(pixels, image_size)
 
 
 def train_example(record, rng, *, image_size, dihedral=True, photometric=True):

@@ -27,7 +27,7 @@ LESION_COUNTS = {
 
 def photograph(rng, size, grade):
   """A uint8 (h, w, 3) photograph of `grade` (0..4, or 5 = ungradable)."""
-  scale = min(size) / 160  # synthetic.make_example's radii suit 160-pixel discs
+  scale = min(size) / 100  # lesions 1.6x the segmentation data's: grades must survive downscaling
   if grade == 5:
     image, _ = synthetic.draw_lesions(rng, size, {}, scale)
     blurred = Image.fromarray(image).filter(ImageFilter.GaussianBlur(min(size) / 20))

@@ -14,6 +14,7 @@ import jax
 from ml_collections import config_flags
 
 from m2mrf_jax import train
+from m2mrf_jax.grading import train as grading_train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file.', lock_config=True)
@@ -30,7 +31,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def parse_flags(argv):
   """absl's flag parsing, after a readable check of the config overrides."""
   try:
-    train.check_overrides(argv[1:])
+    train.check_overrides(argv[1:], grading_train.reference_config(argv[1:]))
   except ValueError as e:
     sys.exit(f'FATAL Flags parsing error: {e}')
   return app.parse_flags_with_usage(argv)
@@ -43,10 +44,11 @@ def main(argv):
     jax.distributed.initialize()
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
+  job = grading_train if FLAGS.config.get('task') == 'grading' else train  # DR grading: SiAN
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    job.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    job.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 
 
 if __name__ == '__main__':
