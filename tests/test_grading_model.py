@@ -44,7 +44,7 @@ def test_maxpool_attention_weights_the_features_with_the_lesion_maps(pixels):
   assert logits.shape == (2, 5) and lesions.shape == (2, 20, 20, 4)
   # Eq. 6 restated in NumPy: weights = channel-wise max of the lesion maps pooled onto f's grid.
   features = np.asarray(model.main.features(pixels / 127.5 - 1.0))
-  probs = 1 / (1 + np.exp(-np.asarray(lesions, np.float64)))
+  probs = 0.5 * (1 + np.tanh(0.5 * np.asarray(lesions, np.float64)))  # the sigmoid
   grid = features.shape[1:3]  # 1x1 at 80x80: the max over the whole map
   assert grid == (1, 1)
   weights = probs.max(axis=(1, 2, 3))[:, None, None, None]
@@ -55,7 +55,7 @@ def test_maxpool_attention_weights_the_features_with_the_lesion_maps(pixels):
   x = (pixels - np.array(model.side_mean)) / np.array(model.side_std)
   side = model.side
   np.testing.assert_allclose(np.asarray(lesions), np.asarray(side.decode_head(side.backbone(x))),
-                             rtol=1e-5, atol=1e-5)
+                             rtol=1e-4, atol=1e-3)  # logits ~1e5: float32 summation order
 
 
 def test_frozen_side_branch_gets_no_update_and_stays_in_eval_mode(pixels):
