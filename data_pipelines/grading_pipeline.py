@@ -159,7 +159,8 @@ class EvalExamples(collections.abc.Sequence):
 
   def __init__(self, data_config, data_dir, split):
     self._source = sources.raw_source(builder_name(data_config), split, data_dir)
-    self._indices = range(jax.process_index(), len(self._source), jax.process_count())
+    self.split_size = len(self._source)  # over all processes
+    self._indices = range(jax.process_index(), self.split_size, jax.process_count())
     self._image_size = int(data_config.image_size)
 
   def __len__(self):

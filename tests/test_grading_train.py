@@ -1,7 +1,7 @@
 """The grading job end to end on a synthetic DDR grading download, over 8 CPU devices.
 
-Train two steps through `m2mrf_jax.main`'s dispatch, evaluate the checkpoint again, and grade two
-photographs with the predict CLI's `run`: metrics.json (against sklearn on the saved predictions' own
+Train two steps with the grading job (what `m2mrf_jax.main` runs for a grading config), evaluate the
+checkpoint again, and grade two photographs with the predict CLI's `run`: metrics.json (against sklearn on the saved predictions' own
 confusion matrix), the frozen side branch untouched by training, and predict's probabilities equal to
 the evaluation's for the same photograph.
 """

@@ -204,9 +204,7 @@ class InceptionV3(nnx.Module):
     self.Mixed_7b = InceptionE(1280, **kw)
     self.Mixed_7c = InceptionE(2048, **kw)
     self.dropout = nnx.Dropout(dropout, rngs=dropout_rngs or nnx.Rngs(dropout=0))
-    # N(0, 0.01) (torchvision: 0.1): a new grading head starts near uniform probabilities, while
-    # 0.1 gives logits of std ~5 on post-ReLU features and an initial loss far above log(K).
-    self.fc = Linear(FEATURES, num_classes, kernel_init=layers.normal_001, rngs=rngs)
+    self.fc = Linear(FEATURES, num_classes, rngs=rngs)
 
   def features(self, x):
     """(N, H, W, 3) normalised -> (N, h, w, 2048) after Mixed_7c, in the compute dtype."""

@@ -156,7 +156,7 @@ def predict_split(model, config, data_dir, split, mesh=None):
   probs = np.concatenate(probs) if probs else np.zeros((0, config.model.num_classes), np.float32)
   if jax.process_count() > 1:  # examples p, p + count, ... of each process, back in split order
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    size = -(-len(examples._source) // jax.process_count())  # pylint: disable=protected-access
+    size = -(-examples.split_size // jax.process_count())
     pad = size - len(grades)
     all_grades = multihost_utils.process_allgather(np.pad(grades, (0, pad), constant_values=-1))
     all_probs = multihost_utils.process_allgather(np.pad(probs, ((0, pad), (0, 0))))
@@ -213,6 +213,10 @@ def _scalars(scores, prefix):
 
 
 def check_config(config):
+  """Raises ValueError for an unknown key, a batch the devices cannot share, or a wrong class count."""
+  if config.data.name not in grading_common.DATASETS:
+    raise ValueError(f'config.data.name must be one of {tuple(grading_common.DATASETS)}, got '
+                     f'{config.data.name!r}')
   seg_train.validate_config(config, grading_common.get_config(config.data.name))
   if config.batch_size % jax.device_count():
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
