@@ -9,16 +9,22 @@ from absl import flags
 import tensorflow_datasets as tfds
 
 from data_pipelines import ddr
+from data_pipelines import ddr_grading
 from data_pipelines import idrid
+from data_pipelines import idrid_grading
 
-BUILDERS = {'idrid': idrid.Builder, 'ddr': ddr.Builder}
+BUILDERS = {'idrid': idrid.Builder, 'ddr': ddr.Builder, 'idrid_grading': idrid_grading.Builder,
+            'ddr_grading': ddr_grading.Builder}
 
 
 def builder(name, data_dir):
-  """The TFDS builder of dataset `name` ('idrid' or 'ddr') over `data_dir`."""
+  """The TFDS builder of dataset `name` ('idrid', 'ddr', ...; 'NAME/CONFIG' picks a builder config)."""
+  name, _, config = name.partition('/')
   if name not in BUILDERS:
     raise ValueError(f'Unknown dataset {name!r}; expected one of {tuple(BUILDERS)}')
-  return BUILDERS[name](data_dir=os.path.expanduser(os.fspath(data_dir)), file_format='array_record')
+  kwargs = {'config': config} if config else {}
+  return BUILDERS[name](data_dir=os.path.expanduser(os.fspath(data_dir)), file_format='array_record',
+                        **kwargs)
 
 
 def not_built_error(name, data_dir, reason=''):
@@ -41,8 +47,8 @@ def build(name, manual_dir, data_dir):
 
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError(f'Usage: python -m data_pipelines.build {{{",".join(BUILDERS)}}} '
-                         '--manual_dir=DIR --data_dir=DIR')
+    raise app.UsageError(f'Usage: python -m data_pipelines.build {{{",".join(BUILDERS)}}}[/CONFIG] '
+                         '--manual_dir=DIR --data_dir=DIR  (ddr_grading/with_ungradable keeps grade 5)')
   if not FLAGS.manual_dir:
     raise app.UsageError('--manual_dir is required: the folder where the download was unpacked.')
   dataset = build(argv[1], FLAGS.manual_dir, FLAGS.data_dir)

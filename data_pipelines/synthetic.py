@@ -183,3 +183,31 @@ def write_download(name, root, *, num_images, image_size=(160, 240), seed=0):
   writer = _write_idrid if name == 'idrid' else _write_ddr
   writer(root, num_images, image_size, seed)
   return root
+
+
+def draw_lesions(rng, size, counts, radius_scale=1.0):
+  """A synthetic fundus photograph with a given number of lesions of each type (for grading data).
+
+  Args:
+    rng: `np.random.Generator`.
+    size: (h, w).
+    counts: lesion name ('EX', 'HE', 'SE', 'MA') -> how many to draw (absent names: none).
+    radius_scale: multiplies the lesion radii of `make_example` (which suit 160x240 images).
+
+  Returns:
+    (uint8 (h, w, 3) image, {'EX', 'HE', 'SE', 'MA'} -> bool (h, w) masks).
+  """
+  h, w = size
+  side = min(h, w)
+  image = np.clip(_background(h, w).astype(np.float32) * rng.uniform(0.85, 1.15), 0, 255)
+  masks = {name: np.zeros((h, w), bool) for name in _LESIONS}
+  centre = np.array([h / 2, w / 2])
+  for name in _DRAW_ORDER:
+    _, _, r_lo, r_hi, colour = _LESIONS[name]
+    count = int(counts.get(name, 0))
+    radius = rng.uniform(0, side * 0.38, count)
+    theta = rng.uniform(0, 2 * np.pi, count)
+    for c in centre + np.stack([radius * np.sin(theta), radius * np.cos(theta)], -1):
+      _ellipse(masks[name], c, rng.uniform(r_lo, r_hi, 2) * radius_scale, rng.uniform(0, np.pi))
+    image[masks[name]] = 0.25 * image[masks[name]] + 0.75 * np.array(colour, np.float32)
+  return image.astype(np.uint8), masks

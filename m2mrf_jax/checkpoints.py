@@ -94,7 +94,7 @@ def save_model(directory, model, model_config, step=0):
     manager.wait_until_finished()
 
 
-def restore_model(directory, model_config, step=None, sharding=None):
+def restore_model(directory, model_config, step=None, sharding=None, build=None):
   """Builds the model of `model_config` and loads a checkpoint into it.
 
   Args:
@@ -102,16 +102,19 @@ def restore_model(directory, model_config, step=None, sharding=None):
     model_config: `config.model`; its structure must match the checkpoint's.
     step: step to load; the latest if None.
     sharding: where the arrays go; replicated over all devices if None.
+    build: (model_config, rngs) -> model; the segmentor's `models.build` if None.
 
   Returns:
-    The restored NNX model (in train mode, as `models.build` returns it).
+    The restored NNX model (in train mode, as `build` returns it).
   """
-  from m2mrf_jax import models  # pylint: disable=g-import-not-at-top
+  if build is None:
+    from m2mrf_jax import models  # pylint: disable=g-import-not-at-top
+    build = models.build
   with _manager(directory, ocp.CheckpointManagerOptions(read_only=True)) as manager:
     step = _restore_step(manager, directory, step)
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_model_config(directory, meta['model'], model_config)
-    abstract_model = nnx.eval_shape(lambda: models.build(model_config, nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: build(model_config, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract_model)
     target = _abstract(nnx.to_pure_dict(state), sharding or mesh_lib.replicated(mesh_lib.make_mesh()))
     restored = manager.restore(step, args=ocp.args.Composite(

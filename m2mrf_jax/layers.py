@@ -75,24 +75,31 @@ def normal_001(key, shape):
   return blocked_random(key, shape, 'normal', 0.01)
 
 
+def _pair(value):
+  return (value, value) if isinstance(value, int) else tuple(value)
+
+
 class Conv2d(nnx.Module):
-  """torch.nn.Conv2d on NHWC inputs with an HWIO `weight` and explicit symmetric padding."""
+  """torch.nn.Conv2d on NHWC inputs with an HWIO `weight` and explicit symmetric padding.
+
+  `kernel_size` and `padding` are an int or an (h, w) pair, as in torch (e.g. Inception's 1x7).
+  """
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                padding: int = 0, use_bias: bool = False, *, kernel_init: Initializer = kaiming_normal_fan_out,
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.stride = stride
-    self.padding = padding
+    self.padding = _pair(padding)
     self.dtype = dtype
-    shape = (kernel_size, kernel_size, in_channels, out_channels)
+    shape = (*_pair(kernel_size), in_channels, out_channels)
     self.weight = nnx.Param(kernel_init(rngs.params(), shape))
     self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32)) if use_bias else None
 
   def __call__(self, x):
-    """(N, H, W, C_in) -> (N, floor((H + 2p - k) / s) + 1, ..., C_out) in the compute dtype."""
+    """(N, H, W, C_in) -> (N, floor((H + 2p_h - k_h) / s) + 1, ..., C_out) in the compute dtype."""
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.weight[...].astype(self.dtype), (self.stride, self.stride),
-        [(self.padding, self.padding)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        [(p, p) for p in self.padding], dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

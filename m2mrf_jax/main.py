@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
 from m2mrf_jax import train
+from m2mrf_jax.grading import train as grading_train
 
 FLAGS = flags.FLAGS
 
@@ -70,10 +71,12 @@ def main(argv):
                            FLAGS.initialization_timeout)
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
+  grading = FLAGS.config.get('task') == 'grading'  # DR grading (SiAN), configs/*_grading.py
   if FLAGS.mode == 'train':
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    (grading_train if grading else train).train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:
-    evaluate.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
+    (grading_train if grading else evaluate).evaluate_checkpoint(FLAGS.config, FLAGS.workdir,
+                                                                FLAGS.checkpoint)
 
 
 if __name__ == '__main__':
