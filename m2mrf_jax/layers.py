@@ -182,7 +182,8 @@ def _linear_taps(in_size: int, out_size: int):
 
   Output i reads input src = max(scale (i + 0.5) - 0.5, 0) as w0 x[i0] + w1 x[i1], i0 = floor(src),
   i1 = min(i0 + 1, in - 1), w1 = src - i0, w0 = 1 - w1; scale = in / out in float32 and src rounded
-  once to float32 (torch's fused multiply-add), so that the weights are torch's bit for bit.
+  once to float32 (torch's fused multiply-add), so that the weights are torch's bit for bit (the
+  interpolated values then differ from torch's by float32 rounding, ~1 ulp).
   """
   scale = np.float64(np.float32(in_size) / np.float32(out_size))
   src = np.maximum(scale * (np.arange(out_size) + 0.5) - 0.5, 0).astype(np.float32)
@@ -214,6 +215,21 @@ def resize_bilinear(x, size: Sequence[int]):
   if x.shape[1:3] == size:
     return x
   return _resize_axis(_resize_axis(x, 2, size[1]), 1, size[0])
+
+
+def resize_bilinear_rows(x, size: Sequence[int], start, rows: int):
+  """Rows [start, start + rows) of `resize_bilinear(x, size)`, computing only those: (N, rows, w, C).
+
+  `start` may be traced (0 <= start <= h - rows); the same taps and weights as the full resize.
+  """
+  h, w = (int(s) for s in size)
+  i0, i1, w0, w1 = (jax.lax.dynamic_slice_in_dim(jnp.asarray(t), start, rows)
+                    for t in _linear_taps(x.shape[1], h))
+  if x.shape[1] == h:  # identity taps along the rows
+    i0, i1, w0, w1 = jnp.arange(rows) + start, jnp.arange(rows) + start, jnp.ones(rows), jnp.zeros(rows)
+  top, bottom = (_resize_axis(jnp.take(x, i, axis=1), 2, w) for i in (i0, i1))
+  w0, w1 = (v.astype(x.dtype)[None, :, None, None] for v in (w0, w1))
+  return top * w0 + bottom * w1
 
 
 class Upsample(nnx.Module):
