@@ -207,3 +207,20 @@ def test_rejects_bad_config():
   with pytest.raises(ValueError, match='NHWC'):
     model = _abstract('base')
     _eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((1, 3, 32, 32), jnp.float32))
+
+
+@pytest.mark.parametrize('size, out', [((9, 13), (30, 41)), ((24, 36), (12, 17)), ((239, 360), (712, 1072))])
+def test_resize_bilinear_and_its_gradient_match_torch(size, out):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, *size, 3)).astype(np.float32)
+  g = rng.normal(size=(2, *out, 3)).astype(np.float32)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+  yt = torch.nn.functional.interpolate(xt, size=out, mode='bilinear', align_corners=False)
+  (yt * torch.from_numpy(g).permute(0, 3, 1, 2)).sum().backward()
+  y, vjp = jax.vjp(lambda v: layers.resize_bilinear(v, out), jnp.asarray(x))
+  np.testing.assert_allclose(y, yt.detach().permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(vjp(jnp.asarray(g))[0], xt.grad.permute(0, 2, 3, 1).numpy(), rtol=0,
+                             atol=1e-4)
+  for start, rows in ((0, out[0]), (out[0] // 3, 5)):
+    band = layers.resize_bilinear_rows(jnp.asarray(x), out, start, rows)
+    np.testing.assert_allclose(band, y[:, start:start + rows], rtol=0, atol=1e-6)
