@@ -209,7 +209,8 @@ def test_rejects_bad_config():
     _eval_shape(lambda m, x: m(x), model, jax.ShapeDtypeStruct((1, 3, 32, 32), jnp.float32))
 
 
-@pytest.mark.parametrize('size, out', [((9, 13), (30, 41)), ((24, 36), (12, 17)), ((239, 360), (712, 1072))])
+@pytest.mark.parametrize('size, out', [((9, 13), (30, 41)), ((24, 36), (12, 17)),
+                                       ((239, 360), (712, 1072))])
 def test_resize_bilinear_and_its_gradient_match_torch(size, out):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(2, *size, 3)).astype(np.float32)
