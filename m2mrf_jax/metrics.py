@@ -117,7 +117,7 @@ def _check_pixels(shape):
 
 
 def resized_histogram(logits: jax.Array, masks: jax.Array, valid: jax.Array, edges: jax.Array,
-                      band_rows: int = 32) -> jax.Array:
+                      band_rows: int = 128) -> jax.Array:
   """`histogram` of sigmoid(resize_bilinear(logits, masks' size)), `band_rows` rows at a time.
 
   The full-resolution probabilities never exist at once: each band of rows is interpolated from the
