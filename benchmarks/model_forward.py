@@ -1,77 +1,124 @@
-"""Forward time per image of each variant: jitted JAX model (eval) vs the PyTorch statement, + XLA FLOPs.
+"""Forward time of the segmentor, JAX against the PyTorch statement with the same weights, one process.
 
-  python benchmarks/model_forward.py --width=48 --size=512 --variants=base,a,b,c,d [--batch=1]
+  python benchmarks/model_forward.py --variants=base,c --width=48 --sizes=384x576,956x1440
 
-Prints one row per variant: parameters, XLA FLOPs per image (cost_analysis of the compiled forward),
-JAX compile time, JAX and PyTorch median forward time per image (eval mode, float32, this machine).
+For each (variant, size): the PyTorch statement (tests/torch_reference.py, randomised weights and BN
+statistics, eval mode, no_grad) and the jitted JAX model loaded with its state_dict (`convert`), timed in
+alternation (one JAX forward, one PyTorch forward, `--repeats` times; medians). Prints milliseconds per
+batch, the ratio JAX / PyTorch, the JAX compile seconds, XLA's FLOPs of the forward and the achieved
+GFLOP/s of each as a share of the measured matmul peak (the faster of jnp and torch on a float32
+2048^3 matmul), and the max difference of the logits (scaled by the logit range) as a check that both
+run the same network. XLA:CPU runs on one thread per core; PyTorch gets `--threads` (default: the number
+of cores) through torch.set_num_threads, so that both use the same cores.
 """
+import argparse
 import os
+import statistics
 import sys
+import time
 
-from absl import app
-from absl import flags
-from flax import nnx
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from benchmarks.compiled import compile_forward, median_seconds  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs.common import model_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from m2mrf_jax import hrnet  # pylint: disable=g-import-not-at-top,wrong-import-position
-from m2mrf_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_WIDTH = flags.DEFINE_integer('width', 48, 'HRNetV2 width: 18, 32 or 48.')
-_SIZE = flags.DEFINE_integer('size', 512, 'Square input size in pixels.')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Images per forward.')
-_VARIANTS = flags.DEFINE_list('variants', list(hrnet.VARIANTS), 'Variants to time.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed forwards per model (median reported).')
-_TORCH = flags.DEFINE_bool('torch', True, 'Also time tests/torch_reference.py.')
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 
-def time_jax(variant, x):
-  """(parameters, FLOPs per image, compile s, forward s per image) of the jitted eval forward."""
-  model = models.build(model_config(variant, _WIDTH.value), nnx.Rngs(0))
-  model.eval()
-  params = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  run, compile_s, flops = compile_forward(model, x)
-  run()
-  return params, flops, compile_s, median_seconds(run, _REPEATS.value) / x.shape[0]
+def _matmul_peak(jax, jnp, torch, n=2048, repeats=5):
+  """Measured float32 matmul GFLOP/s: (jnp, torch)."""
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  jax_s = _median(lambda: mm(a).block_until_ready(), repeats)
+  at = torch.ones(n, n)
+  torch_s = _median(lambda: at @ at, repeats)
+  return 2 * n**3 / jax_s / 1e9, 2 * n**3 / torch_s / 1e9
 
 
-def time_torch(variant, x):
-  """Forward seconds per image of the PyTorch statement (eval, no_grad), or None without it."""
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
-    import torch_reference  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    print(f'PyTorch statement unavailable ({e}); JAX only')
-    return None
-  model = torch_reference.build_torch_model(variant, _WIDTH.value, 4).eval()
-  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
-  with torch.no_grad():
-    model(xt)
-    seconds = median_seconds(lambda: model(xt), _REPEATS.value)
-  return seconds / x.shape[0]
+def _median(fn, repeats):
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
-def main(argv):
-  del argv
-  x = jnp.asarray(np.random.RandomState(0).randn(_BATCH.value, _SIZE.value, _SIZE.value, 3),
-                  jnp.float32)
-  print(f'device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; width {_WIDTH.value}, '
-        f'{_SIZE.value}x{_SIZE.value}, batch {_BATCH.value}, median of {_REPEATS.value}')
-  header = (f'{"variant":8}{"params":>13}{"GFLOPs/img":>12}{"compile s":>11}'
-            f'{"JAX s/img":>11}{"torch s/img":>13}')
-  print(header)
-  for variant in _VARIANTS.value:
-    params, flops, compile_s, jax_s = time_jax(variant, x)
-    torch_s = time_torch(variant, x) if _TORCH.value else None
-    torch_text = f'{torch_s:13.3f}' if torch_s is not None else f'{"-":>13}'
-    print(f'{variant:8}{params:13,d}{flops / 1e9:12.1f}{compile_s:11.1f}{jax_s:11.3f}{torch_text}',
-          flush=True)
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--variants', default='base,c')
+  parser.add_argument('--width', type=int, default=48)
+  parser.add_argument('--sizes', default='384x576,956x1440', help='comma-separated HxW inputs')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--repeats', type=int, default=3, help='timed forwards of each (medians)')
+  parser.add_argument('--threads', type=int, default=os.cpu_count())
+  args = parser.parse_args()
+  sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  # pylint: disable=g-import-not-at-top
+  from flax import nnx
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+  from configs import common
+  from m2mrf_jax import convert
+  from m2mrf_jax import models
+  import torch_reference
+  # pylint: enable=g-import-not-at-top
+  torch.set_num_threads(args.threads)
+  jax_peak, torch_peak = _matmul_peak(jax, jnp, torch)
+  peak = max(jax_peak, torch_peak)
+  print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, torch {torch.__version__} '
+        f'{torch.get_num_threads()} threads, jax {jax.__version__}; HRNetV2-W{args.width}, batch '
+        f'{args.batch}, float32, eval, median of {args.repeats} alternated runs; matmul peak '
+        f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); load average '
+        f'{os.getloadavg()[0]:.1f}')
+  print(f'{"variant":8}{"size":>10}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}{"compile s":>10}'
+        f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"max diff":>10}', flush=True)
+
+  class FixedKey:  # shape inference only: every value is overwritten by the state_dict
+    def params(self):
+      return jax.random.key(0)
+
+  for variant in args.variants.split(','):
+    torch.manual_seed(0)
+    reference = torch_reference.randomize_(
+        torch_reference.build_torch_model(variant, args.width), seed=1)
+    abstract = nnx.eval_shape(lambda: models.build(common.model_config(variant, args.width),
+                                                   FixedKey()))
+    graphdef, state = nnx.split(abstract)
+    model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
+    convert.load_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+    model.eval()
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    for size in args.sizes.split(','):
+      h, w = (int(v) for v in size.split('x'))
+      x = np.random.default_rng(0).standard_normal((args.batch, h, w, 3)).astype(np.float32)
+      xj = jnp.asarray(x)
+      xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+      start = time.perf_counter()
+      compiled = forward.lower(state, xj).compile()
+      compile_s = time.perf_counter() - start
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops = cost.get('flops', float('nan'))
+      with torch.no_grad():
+        expected = reference(xt).numpy().transpose(0, 2, 3, 1)
+        actual = np.asarray(compiled(state, xj))
+        diff = np.abs(actual - expected).max() / max(1.0, np.abs(expected).max())
+        del expected, actual
+        jax_times, torch_times = [], []
+        for _ in range(args.repeats):
+          start = time.perf_counter()
+          compiled(state, xj).block_until_ready()
+          jax_times.append(time.perf_counter() - start)
+          start = time.perf_counter()
+          reference(xt)
+          torch_times.append(time.perf_counter() - start)
+      jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+      share = lambda s: 100 * flops / s / 1e9 / peak
+      print(f'{variant:8}{size:>10}{1e3 * jax_s:9.0f}{1e3 * torch_s:10.0f}{jax_s / torch_s:7.2f}'
+            f'{compile_s:10.1f}{flops / 1e9:7.0f}{share(jax_s):7.0f}%{share(torch_s):9.0f}%'
+            f'{diff:10.1e}', flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

@@ -2,7 +2,8 @@
 
 Per image: the model (eval mode) at the test scale gives logits (1, h', w', 4), which are resized
 bilinearly (align_corners=False, no antialiasing) to the original size, passed through the sigmoid, and
-counted against the full-resolution masks (`metrics.count`), all in one jitted step on device. A batch
+counted against the full-resolution masks band by band of rows (`metrics.count_resized`: the
+full-resolution map never exists at once), all in one jitted step on device. A batch
 holds images of one size, `config.eval_batch_size` per device, split over the devices of this process
 (grain decodes the next images in threads meanwhile); each process scores its share of the split
 (`data_pipelines.pipeline.eval_dataset`) and the counts are summed across processes at the end. Every
@@ -21,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 from data_pipelines import pipeline
 from data_pipelines import prepare
 from m2mrf_jax import checkpoints
-from m2mrf_jax import layers
 from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import metrics
 from m2mrf_jax import report
@@ -39,8 +39,7 @@ def make_eval_step(graphdef, edges, mesh: Mesh):
   """
   def step(total, state, images, masks, valid):
     logits = nnx.merge(graphdef, state)(images)
-    probs = jax.nn.sigmoid(layers.resize_bilinear(logits, masks.shape[1:3]))
-    return metrics.count(total, probs, masks, valid, edges, 'data'), logits
+    return metrics.count_resized(total, logits, masks, valid, edges, 'data'), logits
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'), P('data')),
                           out_specs=(P(), P('data')), check_vma=False)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import auc
 
+from m2mrf_jax import layers
 from m2mrf_jax import metrics
 
 
@@ -117,6 +118,21 @@ def test_streaming_over_images_equals_all_pixels_at_once():
   at_once = metrics.score_maps([np.concatenate(probs, axis=1)], [np.concatenate(masks, axis=1)])
   for key, value in at_once.items():
     np.testing.assert_array_equal(streamed[key], value, err_msg=key)
+
+
+def test_banded_resized_histogram_equals_resize_then_histogram():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 9, 13, 4)).astype(np.float32) * 3
+  masks = rng.random((2, 24, 31, 4)) < 0.2
+  valid = np.array([True, False])
+  edges = metrics.float32_thresholds(101)
+  probs = jax.nn.sigmoid(layers.resize_bilinear(logits, (24, 31)))
+  expected = np.asarray(metrics.histogram(probs, masks, valid, edges)).astype(np.int64)
+  for band_rows in (7, 24, 64):  # a shifted last band (rows 17-23, of which 21-23 new), one, clipped
+    got = np.asarray(metrics.resized_histogram(logits, masks, valid, edges, band_rows))
+    assert got.sum() == 24 * 31 * 4
+    # float32 rounding of the fused interpolation may move a value across an edge
+    assert np.abs(got.astype(np.int64) - expected).sum() <= 4, band_rows
 
 
 def test_sharded_update_on_8_devices_equals_single_device():
