@@ -45,7 +45,7 @@ class FCNHead(nnx.Module):
       start += x.shape[-1]
       part = layers.resize_bilinear(part, size)
       y = part if y is None else y + part
-    return self.conv_seg(layers.relu(module.bn(y)))
+    return self.conv_seg(jax.nn.relu(module.bn(y)))
 
 
 class Segmentor(nnx.Module):
