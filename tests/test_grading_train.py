@@ -45,7 +45,8 @@ def _config(image_size=32):
 
 
 def _leaves(module):
-  return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(module)))]
+  state = nnx.state(module, nnx.Not(nnx.RngState))  # parameters and BN statistics
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(state))]
 
 
 def _check_metrics_json(workdir, scores):
