@@ -6,7 +6,6 @@ padding looks like more background. Training adds, as the paper's "random rotati
 in brightness, saturation and contrast": one of the six dihedral maps (rotations by 90 degrees and
 flips) and mmseg's PhotoMetricDistortion.
 """
-import collections.abc
 import dataclasses
 
 from absl import flags
@@ -18,6 +17,7 @@ import numpy as np
 
 from data_pipelines import build as build_lib
 from data_pipelines import codecs
+from data_pipelines import pipeline
 from data_pipelines import sources
 from data_pipelines import synthetic_grading
 from data_pipelines import transforms
@@ -89,7 +89,7 @@ def fit_square(record, image_size):
   size = (int(record['height']), int(record['width']))
   target = square_box(size, image_size)[2:]
   image, factor = codecs.open_jpeg(record['image'], min_size=target)
-  pixels = transforms.resize_bilinear(image, target, (0, 0, size[1] / factor, size[0] / factor))
+  pixels = transforms.resize_antialiased(image, target, (0, 0, size[1] / factor, size[0] / factor))
   return pad_square(pixels, image_size)
 
 
@@ -121,28 +121,33 @@ class TrainTransform(grain.transforms.RandomMap):
     return train_example(element, rng, **dataclasses.asdict(self))
 
 
-def train_iterator(data_config, data_dir, *, batch_size, seed):
-  """Infinite, shuffled, augmented batches of this process's shard of the training split.
+def train_stream(data_config, data_dir, *, seed):
+  """The infinite `grain.MapDataset` of training examples in their global order.
 
-  Returns:
-    a checkpointable grain iterator of {'image': uint8 (b, S, S, 3), 'grade': int32 (b,)}, with
-    b = batch_size // jax.process_count().
+  Example g is a pure function of (seed, g), as `pipeline.train_stream`: epoch g // N is a
+  permutation drawn from seed + epoch, and its augmentation draws from an rng seeded by (seed, g).
   """
-  count, index = jax.process_count(), jax.process_index()
-  if batch_size % count:
-    raise ValueError(f'batch_size {batch_size} is not divisible by the {count} processes')
   source = sources.raw_source(builder_name(data_config), data_config.train_split, data_dir)
-  if len(source) < count:
-    raise ValueError(f'{len(source)} training examples cannot be shared by {count} processes')
-  process_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
   transform = TrainTransform(int(data_config.image_size), bool(data_config.dihedral),
                              bool(data_config.photometric))
-  dataset = (grain.MapDataset.source(source)[index::count]
-             .seed(process_seed)
-             .shuffle()
-             .repeat()
-             .random_map(transform)
-             .batch(batch_size // count, drop_remainder=True))
+  return grain.MapDataset.source(source).seed(seed).shuffle().repeat().random_map(transform)
+
+
+def train_iterator(data_config, data_dir, *, batch_size, seed, start_step=0, rows=None):
+  """Infinite, shuffled, augmented training batches: this process's rows of global batches k >= start_step.
+
+  Global batch k is a pure function of (seed, k), whatever the number of processes and devices, so
+  resuming at step k needs nothing but k (`pipeline.train_iterator`, whose rows and workers it shares).
+
+  Returns:
+    an iterator of {'image': uint8 (len(rows), S, S, 3), 'grade': int32 (len(rows),)}.
+  """
+  rows = pipeline.default_rows(batch_size, jax.process_index(), jax.process_count()) if rows is None else rows
+  if not rows or min(rows) < 0 or max(rows) >= batch_size:
+    raise ValueError(f'rows {rows} are not rows of a global batch of {batch_size}')
+  stream = train_stream(data_config, data_dir, seed=seed)
+  dataset = (grain.MapDataset.source(pipeline.ProcessRows(stream, batch_size, rows, start_step))
+             .batch(len(rows), drop_remainder=True))
   workers = int(data_config.num_workers)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=1 if workers else 2, prefetch_buffer_size=int(data_config.prefetch)))
@@ -154,17 +159,12 @@ def train_iterator(data_config, data_dir, *, batch_size, seed):
   return iter(dataset)
 
 
-class EvalExamples(collections.abc.Sequence):
-  """This process's share of a split (examples p, p + count, ...) as `eval_example` dicts."""
-
-  def __init__(self, data_config, data_dir, split):
-    self._source = sources.raw_source(builder_name(data_config), split, data_dir)
-    self.split_size = len(self._source)  # over all processes
-    self._indices = range(jax.process_index(), self.split_size, jax.process_count())
-    self._image_size = int(data_config.image_size)
-
-  def __len__(self):
-    return len(self._indices)
-
-  def __getitem__(self, index):
-    return eval_example(self._source[self._indices[index]], image_size=self._image_size)
+def eval_dataset(data_config, data_dir, split):
+  """This process's share of `split` (examples p, p + count, ...) as a `grain.MapDataset` of
+  `eval_example` dicts in the split's order."""
+  source = sources.raw_source(builder_name(data_config), split, data_dir)
+  if not len(source):
+    raise ValueError(f'no images in split {split!r} of {data_config.name} in {data_dir}')
+  image_size = int(data_config.image_size)
+  return (grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+          .map(lambda record: eval_example(record, image_size=image_size)))

@@ -38,3 +38,8 @@ class Chrono:
       yield
     finally:
       self._paused += time.perf_counter() - start
+
+
+def hms(seconds: float) -> str:
+  """Seconds as H:MM:SS."""
+  return f'{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}'

@@ -82,7 +82,7 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   eval_model = nnx.clone(model)
   eval_model.eval()
   graphdef, state = nnx.split(eval_model)
-  state = jax.device_put(jax.tree.map(_local_copy, state), mesh_lib.replicated(mesh))
+  state = jax.device_put(jax.tree.map(local_copy, state), mesh_lib.replicated(mesh))
 
   counts = metrics.PooledCounts(config.model.num_classes, config.aupr_fine_thresholds, mesh=mesh)
   step = make_eval_step(graphdef, counts.edges, mesh)
@@ -125,7 +125,7 @@ def overlay_panel(example, logits, data_config):
   return np.concatenate([visualize.overlay(image, truth), visualize.overlay(image, logits > 0)], 1)
 
 
-def _local_copy(x):
+def local_copy(x):
   """This process's copy of a parameter replicated over a (possibly multi-process) mesh."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     if not x.is_fully_replicated:

@@ -178,7 +178,7 @@ def train(config, workdir, train_data, evaluate_fn):
         speed = ''
         if steps_per_sec is not None:
           scalars['images_per_sec'] = steps_per_sec * config.batch_size
-          speed = f'  {scalars["images_per_sec"]:.2f} images/s  ETA {_hms(eta)}'
+          speed = f'  {scalars["images_per_sec"]:.2f} images/s  ETA {chrono_lib.hms(eta)}'
         writer.write_scalars(step, scalars)
         logging.info('step %d/%d  loss %.4f  lr %.3g%s', step, num_steps, scalars['loss'],
                      scalars['lr'], speed)
@@ -203,10 +203,6 @@ def train(config, workdir, train_data, evaluate_fn):
       if step > 0 and ckpt.latest_step() != step:
         ckpt.save(step, model, optimizer, metrics=metrics)
     return metrics
-
-
-def _hms(seconds):
-  return f'{int(seconds) // 3600}:{int(seconds) // 60 % 60:02d}:{int(seconds) % 60:02d}'
 
 
 def train_and_evaluate(config, workdir):

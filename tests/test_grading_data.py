@@ -132,3 +132,21 @@ def test_fit_square_and_train_batches(downloads, data_dir):
   batch = next(grading_pipeline.train_iterator(config, data_dir, batch_size=4, seed=0))
   assert batch['image'].shape == (4, 48, 48, 3) and batch['image'].dtype == np.uint8
   assert batch['grade'].shape == (4,) and set(batch['grade']) <= set(range(5))
+
+
+def test_train_batches_are_a_function_of_seed_and_step(data_dir):
+  """Resuming at step k (start_step) and splitting a global batch into rows give the same pixels."""
+  config = ml_collections.ConfigDict(dict(
+      name='ddr_grading', keep_ungradable=False, train_split='train', image_size=32, dihedral=True,
+      photometric=True, num_workers=0, prefetch=1))
+  whole = grading_pipeline.train_iterator(config, data_dir, batch_size=4, seed=3)
+  first = [next(whole) for _ in range(4)]  # 16 draws of 12 examples: the second epoch begins
+  resumed = next(grading_pipeline.train_iterator(config, data_dir, batch_size=4, seed=3, start_step=2))
+  halves = [next(grading_pipeline.train_iterator(config, data_dir, batch_size=4, seed=3, start_step=2,
+                                                 rows=rows)) for rows in ((0, 1), (2, 3))]
+  for key in ('image', 'grade'):
+    np.testing.assert_array_equal(resumed[key], first[2][key])
+    np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), first[2][key])
+  assert not np.array_equal(first[1]['image'], first[2]['image'])
+  other = next(grading_pipeline.train_iterator(config, data_dir, batch_size=4, seed=4, start_step=2))
+  assert not np.array_equal(other['image'], first[2]['image'])

@@ -55,7 +55,7 @@ class Grader:
   def __call__(self, images):
     """uint8 (H_i, W_i, 3) images -> list of ((K,) grade probabilities, (H_i, W_i, 4) or None)."""
     boxes = [grading_pipeline.square_box(im.shape[:2], self.image_size) for im in images]
-    squares = np.stack([grading_pipeline.pad_square(transforms.resize_bilinear(im, box[2:]),
+    squares = np.stack([grading_pipeline.pad_square(transforms.resize_antialiased(im, box[2:]),
                                                     self.image_size) for im, box in zip(images, boxes)])
     probs, lesions = self._forward(self.state, squares)
     out = []

@@ -1,20 +1,22 @@
-"""The DR grading job: `train_and_evaluate(config, workdir)` and `evaluate_checkpoint` for SiAN.
+"""The DR grading job: `train(config, workdir, train_data, evaluate_fn)`, `train_and_evaluate` and
+`evaluate_checkpoint` for SiAN.
 
-The same machinery as the segmentation job (m2mrf_jax.train): a 1-D 'data' mesh over every device,
-parameters replicated and the global batch sharded, one jitted step, orbax checkpoints that resume
-exactly (data iterator included), log.jsonl + TensorBoard. Loss: softmax cross-entropy on the grade.
-Only the main branch and the attention block are optimised unless `model.freeze_side` is False.
+The segmentation job's machinery (m2mrf_jax.train): a 1-D 'data' mesh over every device, parameters
+replicated and the global batch sharded, one jitted step, losses summed on device and read at log and
+save steps, orbax checkpoints (global batch k is a function of (seed, k), so resuming needs only the
+step), log.jsonl + TensorBoard. Loss: softmax cross-entropy on the grade. Only the main branch and the
+attention block are optimised unless `model.freeze_side` is False.
 """
-import importlib.util
+import functools
 import json
 import math
-import time
 
 from absl import logging
 from etils import epath
 from flax import nnx
+import grain
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -22,9 +24,12 @@ import optax
 from configs import grading_common
 from data_pipelines import grading_pipeline
 from m2mrf_jax import checkpoints
+from m2mrf_jax import chrono as chrono_lib
 from m2mrf_jax import convert as seg_convert
+from m2mrf_jax import distributed
 from m2mrf_jax import evaluate as seg_evaluate
 from m2mrf_jax import losses
+from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import summary
 from m2mrf_jax import train as seg_train
 from m2mrf_jax.grading import convert
@@ -34,22 +39,6 @@ from m2mrf_jax.grading import sian
 METRICS_FILE = 'metrics.json'
 # Model config keys that change the parameter tree (the side branch's are checked as well).
 STRUCTURE_KEYS = ('num_classes', 'attention', 'attention_channels')
-
-
-def reference_config(argv):
-  """The grading reference config if `--config=FILE` in `argv` is a grading config, else None.
-
-  main.py checks `--config.KEY` overrides against it (the segmentation keys otherwise).
-  """
-  paths = [a.split('=', 1)[1].split(':')[0] for a in argv if a.startswith('--config=')]
-  if not paths or not paths[-1].endswith('.py') or not epath.Path(paths[-1]).exists():
-    return None
-  spec = importlib.util.spec_from_file_location('_grading_probe', paths[-1])
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  return config if config.get('task') == 'grading' else None
-
 
 def check_model_config(directory, saved, wanted):
   """Raises ValueError when a checkpoint holds another grading model than `wanted`."""
@@ -97,74 +86,64 @@ def load_pretrained(config, model):
                     ' (frozen)' if config.model.freeze_side else '')
 
 
-def make_train_step(graphdef, trainable, schedule, mesh):
-  """The jitted step (state, batch) -> (state, {'loss', 'accuracy', 'lr'}); `state` is donated.
+def make_train_step(graphdef, trainable, mesh):
+  """The jitted step (state, batch) -> (state, (loss, accuracy)); `state` is donated.
 
   Args:
     graphdef: the graph definition of the pair (model, optimizer).
     trainable: the nnx filter of the optimised parameters (`sian.trainable`).
-    schedule: step -> learning rate (for logging).
-    mesh: the device mesh; the batch is sharded over 'data'.
+    mesh: the device mesh; the state stays replicated on it.
   """
-  replicated = NamedSharding(mesh, P())
+  replicated = mesh_lib.replicated(mesh)
 
-  def step(state, batch):
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(replicated, replicated))
+  def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    model_def, params, rest = nnx.split(model, trainable, ...)
 
-    def loss_of(params, rest):
-      model = nnx.merge(model_def, params, rest, copy=True)
+    def loss_of(model):
       logits, _ = model(batch['image'])
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['grade']).mean()
-      return loss, (nnx.state(model, nnx.Not(trainable)), logits)
+      return loss, jnp.mean(jnp.argmax(logits, -1) == batch['grade'])
 
-    (loss, (rest, logits)), grads = jax.value_and_grad(loss_of, has_aux=True)(params, rest)
-    nnx.update(model, rest)
-    lr = schedule(optimizer.step[...])
+    # BN statistics are updated in `model`; only `trainable` parameters are differentiated.
+    (loss, accuracy), grads = nnx.value_and_grad(
+        loss_of, argnums=nnx.DiffState(0, trainable), has_aux=True)(model)
     optimizer.update(model, grads)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['grade'])
-    new_state = jax.lax.with_sharding_constraint(nnx.state((model, optimizer)), replicated)
-    return new_state, {'loss': loss, 'accuracy': accuracy, 'lr': lr}
+    return nnx.state((model, optimizer)), (loss, accuracy)
 
-  return jax.jit(step, donate_argnums=0)
+  return train_step
 
 
-def predict_split(model, config, data_dir, split, mesh=None):
+def predict_split(model, config, data_dir, split):
   """(grades (N,), probabilities (N, K)) of `split`, over every process, in the split's order."""
-  mesh = seg_evaluate.local_mesh(mesh)
-  graphdef, state = nnx.split(model)
-  eval_model = nnx.merge(graphdef, state)
+  mesh = mesh_lib.local_mesh()
+  eval_model = nnx.clone(model)
   eval_model.eval()
   graphdef, state = nnx.split(eval_model)
-  state = jax.device_put(jax.tree.map(seg_evaluate._local_copy, state),  # pylint: disable=protected-access
-                         NamedSharding(mesh, P()))
+  state = jax.device_put(jax.tree.map(seg_evaluate.local_copy, state), mesh_lib.replicated(mesh))
   forward = jax.jit(lambda s, x: jax.nn.softmax(nnx.merge(graphdef, s)(x)[0]))
-  rows = NamedSharding(mesh, P('data'))
+  rows = mesh_lib.data_sharding(mesh)
   batch_size = config.eval_batch_size * mesh.size
-  examples = grading_pipeline.EvalExamples(config.data, data_dir, split)
-  grades, probs = [], []
-  batch = []
-  for i, example in enumerate(seg_evaluate.prefetch(examples, 2 * batch_size)):
+  examples = grading_pipeline.eval_dataset(config.data, data_dir, split)
+  reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
+  grades, probs, batch = [], [], []
+  for i, example in enumerate(reader):
     batch.append(example)
     if len(batch) == batch_size or i == len(examples) - 1:
       images = np.stack([e['image'] for e in batch] + [batch[-1]['image']] * (batch_size - len(batch)))
-      out = np.asarray(forward(state, jax.device_put(images, rows)))[:len(batch)]
+      probs.append(np.asarray(forward(state, jax.device_put(images, rows)))[:len(batch)])
       grades += [e['grade'] for e in batch]
-      probs.append(out)
       batch = []
   grades = np.asarray(grades, np.int64)
   probs = np.concatenate(probs) if probs else np.zeros((0, config.model.num_classes), np.float32)
   if jax.process_count() > 1:  # examples p, p + count, ... of each process, back in split order
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    size = -(-examples.split_size // jax.process_count())
+    size = int(np.max(multihost_utils.process_allgather(np.array(len(grades)))))
     pad = size - len(grades)
     all_grades = multihost_utils.process_allgather(np.pad(grades, (0, pad), constant_values=-1))
     all_probs = multihost_utils.process_allgather(np.pad(probs, ((0, pad), (0, 0))))
     keep = all_grades.T.reshape(-1) >= 0
     grades = all_grades.T.reshape(-1)[keep]
     probs = all_probs.transpose(1, 0, 2).reshape(-1, probs.shape[1])[keep]
-  if not len(grades):
-    raise ValueError(f'no images in split {split!r} of {config.data.name} in {data_dir}')
   return grades, probs
 
 
@@ -192,9 +171,9 @@ def _json_safe(value):
   return value
 
 
-def evaluate_model(model, config, data_dir, split, mesh=None, workdir=None):
+def evaluate_model(model, config, data_dir, split, workdir=None):
   """Scores `model` on `split`; with `workdir` (process 0) prints the table and writes metrics.json."""
-  grades, probs = predict_split(model, config, data_dir, split, mesh)
+  grades, probs = predict_split(model, config, data_dir, split)
   scores = metrics.scores(grades, probs)
   scores['split'] = split
   if workdir is not None and jax.process_index() == 0:
@@ -213,117 +192,143 @@ def _scalars(scores, prefix):
 
 
 def check_config(config):
-  """Raises ValueError for an unknown key, a batch the devices cannot share, or a wrong class count."""
+  """Raises ValueError for an unknown dataset, a batch the devices cannot share, or a wrong class count."""
   if config.data.name not in grading_common.DATASETS:
     raise ValueError(f'config.data.name must be one of {tuple(grading_common.DATASETS)}, got '
                      f'{config.data.name!r}')
-  seg_train.validate_config(config, grading_common.get_config(config.data.name))
   if config.batch_size % jax.device_count():
     raise ValueError(f'config.batch_size={config.batch_size} must be a multiple of the '
-                     f'{jax.device_count()} devices')
+                     f'{jax.device_count()} devices (of {jax.process_count()} processes)')
   expected = 6 if config.data.keep_ungradable else 5
   if config.model.num_classes != expected:
     raise ValueError(f'config.model.num_classes={config.model.num_classes} but the data has {expected} '
                      f'grades (data.keep_ungradable={config.data.keep_ungradable})')
 
 
-def train_and_evaluate(config, workdir):
-  """Trains SiAN in `workdir` (resuming from its latest checkpoint), then evaluates on the test split.
+def create_model_and_optimizer(config, mesh):
+  """The freshly built SiAN of `config.model` and its optimizer (of `sian.trainable`), replicated."""
+  model = sian.build(config.model, nnx.Rngs(config.seed))
+  optimizer = nnx.Optimizer(model, losses.sgd(config), wrt=sian.trainable(config.model))
+  nnx.update((model, optimizer),
+             jax.device_put(nnx.state((model, optimizer)), mesh_lib.replicated(mesh)))
+  return model, optimizer
+
+
+def train(config, workdir, train_data, evaluate_fn):
+  """Trains SiAN in `workdir` (resuming from its latest checkpoint), then evaluates.
+
+  Args:
+    config: a config as `configs/grading_common.py` describes it.
+    workdir: holds the orbax checkpoints, config.json, log.jsonl and TensorBoard events.
+    train_data: (start_step=, rows=) -> an iterator of this process's `rows` of global batches
+      start_step, start_step + 1, ... {'image', 'grade'}; each global batch is a function of
+      (seed, step) alone (`grading_pipeline.train_iterator`).
+    evaluate_fn: (model, split, workdir or None) -> scores dict with 'accuracy', 'kappa', ...; with
+      a workdir, the report is written there.
 
   Returns:
-    The test metrics (dict with 'accuracy', 'kappa', ...), or None when preempted.
+    The metrics of `config.eval_split`, or None when preempted.
   """
   check_config(config)
+  num_steps = config.num_train_steps
 
-  # ---- Devices and data -------------------------------------------------------------------
-  mesh = seg_train.make_mesh()
-  data_dir = grading_pipeline.prepare(config.data, workdir)
-  train_iter = None
-  if config.num_train_steps > 0:
-    train_iter = grading_pipeline.train_iterator(config.data, data_dir, batch_size=config.batch_size,
-                                                 seed=config.seed)
+  # ---- Devices, config.json, model and optimizer ----------------------------------------
+  mesh = mesh_lib.make_mesh()
+  logging.info('%d devices over %d processes; global batch %d.', jax.device_count(),
+               jax.process_count(), config.batch_size)
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / seg_train.CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+  model, optimizer = create_model_and_optimizer(config, mesh)
 
-  # ---- Model, optimizer, resume -----------------------------------------------------------
-  model = sian.build(config.model, nnx.Rngs(config.seed))
-  trainable = sian.trainable(config.model)
-  optimizer = nnx.Optimizer(model, losses.sgd(config), wrt=trainable)
-  ckpt = checkpoints.TrainCheckpointer(workdir, config, best_metric='kappa')
-  writer = summary.SummaryWriter(workdir)
-  try:
+  with (summary.Writer(workdir) as writer,
+        checkpoints.TrainCheckpointer(workdir, config, best_metric='kappa') as ckpt):
+    # ---- Resume, or start from the pretrained branches ----------------------------------
     if ckpt.latest_step() is None:
       load_pretrained(config, model)
     else:
       check_model_config(workdir, checkpoints.read_meta(workdir)['model'], config.model)
     model.train()
-    state = jax.device_put(nnx.state((model, optimizer)), NamedSharding(mesh, P()))
-    nnx.update((model, optimizer), state)
-    step = ckpt.restore(model, optimizer, train_iter)
+    step = ckpt.restore(model, optimizer)
     if step:
       logging.info('Resumed from step %d of %s.', step, workdir)
-    saved_step = step if ckpt.latest_step() is not None else None
+    if step < num_steps:  # global batch k is a function of (seed, k) alone: the step resumes it
+      rows = distributed.process_rows(mesh_lib.data_sharding(mesh), config.batch_size)
+      train_iter = train_data(start_step=step, rows=rows)
 
-    # ---- Training loop --------------------------------------------------------------------
+    # ---- Training loop: losses summed on device, read (and checked) at log and save steps --
     graphdef, state = nnx.split((model, optimizer))
-    train_step = make_train_step(graphdef, trainable, losses.poly_schedule(config), mesh)
-    num_steps, first_step, window = config.num_train_steps, step, []
+    train_step = make_train_step(graphdef, sian.trainable(config.model), mesh)
+    schedule = losses.poly_schedule(config)
+    chrono = chrono_lib.Chrono(num_steps)
+    loss_sum, accuracy_sum, window_start = 0.0, 0.0, step + 1
     while step < num_steps:
-      state, out = train_step(state, seg_train.global_batch(mesh, next(train_iter)))
+      state, (loss, accuracy) = train_step(state, mesh_lib.global_batch(mesh, next(train_iter)))
+      loss_sum, accuracy_sum = loss_sum + loss, accuracy_sum + accuracy
       step += 1
-      loss = float(out['loss'])
-      if not math.isfinite(loss):
-        raise FloatingPointError(f'loss is {loss} at step {step}; the last good checkpoint (step '
-                                 f'{ckpt.latest_step()}) in {workdir} is intact.')
-      window.append((loss, float(out['accuracy'])))
-      if step == first_step + 1:  # the first step includes compilation
-        window_start, window_step = time.time(), step
-      if step % config.log_every_steps == 0 or step == num_steps:
-        scalars = {'loss': np.mean([w[0] for w in window]),
-                   'train_accuracy': np.mean([w[1] for w in window]), 'lr': float(out['lr'])}
+      chrono.step_done(step)
+      log = step % config.log_every_steps == 0 or step == num_steps
+      validate = bool(config.val_split) and step % config.eval_every_steps == 0 and step < num_steps
+      preempted = ckpt.preempted(step)
+      save = validate or preempted or (step % config.checkpoint_every_steps == 0 and step < num_steps)
+      if log or save:
+        total = seg_train.check_finite(loss_sum, window_start, step, ckpt, workdir)
+      if log:
+        steps = step - window_start + 1
+        scalars = {'loss': total / steps, 'train_accuracy': float(accuracy_sum) / steps,
+                   'lr': float(schedule(step - 1))}
+        steps_per_sec, eta = chrono.measure(step)
         speed = ''
-        if step > window_step:
-          per_sec = (step - window_step) / (time.time() - window_start)
-          scalars['images_per_sec'] = per_sec * config.batch_size
-          eta = time.strftime('%H:%M:%S', time.gmtime((num_steps - step) / per_sec))
-          speed = f'  {scalars["images_per_sec"]:.2f} images/s  ETA {eta}'
-        writer.scalars(step, scalars)
+        if steps_per_sec is not None:
+          scalars['images_per_sec'] = steps_per_sec * config.batch_size
+          speed = f'  {scalars["images_per_sec"]:.2f} images/s  ETA {chrono_lib.hms(eta)}'
+        writer.write_scalars(step, scalars)
         logging.info('step %d/%d  loss %.4f  train accuracy %.3f  lr %.3g%s', step, num_steps,
                      scalars['loss'], scalars['train_accuracy'], scalars['lr'], speed)
-        window_start, window_step, window = time.time(), step, []
-      validate = config.val_split and step % config.eval_every_steps == 0 and step < num_steps
-      preempted = ckpt.preempted(step)
-      if validate or preempted or (step % config.checkpoint_every_steps == 0 and step < num_steps):
-        nnx.update((model, optimizer), state)
-        scores = None
-        if validate:
-          scores = evaluate_model(model, config, data_dir, config.val_split, mesh)
-          writer.scalars(step, _scalars(scores, 'val'))
-          logging.info('step %d validation: accuracy %.4f  kappa %.4f', step, scores['accuracy'],
-                       scores['kappa'])
-        ckpt.save(step, model, optimizer, train_iter, metrics=scores and {'kappa': scores['kappa']})
-        saved_step = step
+        loss_sum, accuracy_sum, window_start = 0.0, 0.0, step + 1
+      if save:
+        with chrono.paused():
+          nnx.update((model, optimizer), state)
+          scores = None
+          if validate:
+            scores = evaluate_fn(model, config.val_split, None)
+            writer.write_scalars(step, _scalars(scores, 'val'))
+            logging.info('step %d validation: accuracy %.4f  kappa %.4f', step, scores['accuracy'],
+                         scores['kappa'])
+          ckpt.save(step, model, optimizer, metrics=scores and {'kappa': scores['kappa']})
       if preempted:
         logging.warning('Preempted: saved step %d in %s; run again to resume.', step, workdir)
         return None
     nnx.update((model, optimizer), state)
 
-    # ---- Evaluation and the final checkpoint ----------------------------------------------
+    # ---- Evaluation, then the final checkpoint (saved even if evaluation fails) ----------
     scores = None
     try:
-      scores = evaluate_model(model, config, data_dir, config.eval_split, mesh, workdir)
-      writer.scalars(step, _scalars(scores, config.eval_split))
+      scores = evaluate_fn(model, config.eval_split, workdir)
+      writer.write_scalars(step, _scalars(scores, config.eval_split))
     finally:
-      if step > 0 and saved_step != step:
-        ckpt.save(step, model, optimizer, train_iter)
+      if step > 0 and ckpt.latest_step() != step:
+        ckpt.save(step, model, optimizer)
     return scores
-  finally:
-    ckpt.close()
-    writer.close()
+
+
+def train_and_evaluate(config, workdir):
+  """`train` with the real data: the grading dataset prepared (built on first use), its train
+  iterator, and the evaluation (table and metrics.json) of `config.eval_split`."""
+  check_config(config)  # before anything is prepared or written
+  data_dir = grading_pipeline.prepare(config.data, workdir)
+  train_data = functools.partial(grading_pipeline.train_iterator, config.data, data_dir,
+                                 batch_size=config.batch_size, seed=config.seed)
+
+  def evaluate_fn(model, split, report_dir):
+    return evaluate_model(model, config, data_dir, split, report_dir)
+
+  return train(config, workdir, train_data, evaluate_fn)
 
 
 def evaluate_checkpoint(config, workdir, checkpoint=''):
   """Evaluates a grading checkpoint (default: the latest in `workdir`) on `config.eval_split`."""
   check_config(config)
-  mesh = seg_train.make_mesh()
-  model = restore(checkpoint or workdir, config.model, sharding=NamedSharding(mesh, P()))
+  model = restore(checkpoint or workdir, config.model)
   data_dir = grading_pipeline.prepare(config.data, workdir)
-  return evaluate_model(model, config, data_dir, config.eval_split, mesh, workdir)
+  return evaluate_model(model, config, data_dir, config.eval_split, workdir)
