@@ -160,6 +160,15 @@ def _write_ddr(root, num_images, image_size, seed):
         _save_tiff(top / folder / mask_folder / lesion / f'{stem}.tif', masks[lesion] * np.uint8(255))
 
 
+def check_splits(name, num_images, splits):
+  """Raises ValueError unless `name` is in `splits` (dataset -> split names) and has every split asked."""
+  if name not in splits:
+    raise ValueError(f'Unknown dataset {name!r}; expected one of {tuple(splits)}')
+  unknown = set(num_images) - set(splits[name])
+  if unknown:
+    raise ValueError(f'{name} has splits {splits[name]}, not {sorted(unknown)}')
+
+
 def write_download(name, root, *, num_images, image_size=(160, 240), seed=0):
   """Writes a synthetic download of dataset `name` under `root`, deterministic for `seed`.
 
@@ -173,11 +182,7 @@ def write_download(name, root, *, num_images, image_size=(160, 240), seed=0):
   Returns:
     the manual_dir to pass to the builder.
   """
-  if name not in SPLITS:
-    raise ValueError(f'Unknown dataset {name!r}; expected one of {tuple(SPLITS)}')
-  unknown = set(num_images) - set(SPLITS[name])
-  if unknown:
-    raise ValueError(f'{name} has splits {SPLITS[name]}, not {sorted(unknown)}')
+  check_splits(name, num_images, SPLITS)
   root = epath.Path(root)
   image_size = tuple(int(s) for s in image_size)
   writer = _write_idrid if name == 'idrid' else _write_ddr

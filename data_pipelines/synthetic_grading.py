@@ -90,11 +90,7 @@ def write_download(name, root, *, num_images, image_size=(256, 384), seed=0):
   Returns:
     the manual_dir to pass to the builder.
   """
-  if name not in SPLITS:
-    raise ValueError(f'Unknown dataset {name!r}; expected one of {tuple(SPLITS)}')
-  unknown = set(num_images) - set(SPLITS[name])
-  if unknown:
-    raise ValueError(f'{name} has splits {SPLITS[name]}, not {sorted(unknown)}')
+  synthetic.check_splits(name, num_images, SPLITS)
   root = epath.Path(root)
   writer = _write_ddr if name == 'ddr_grading' else _write_idrid
   writer(root, num_images, tuple(int(s) for s in image_size), seed)
