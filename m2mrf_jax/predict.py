@@ -5,7 +5,7 @@
 Per input image `NAME.ext` (JPEG, PNG, TIFF, any size) the output folder gets
   NAME_prob_{EX,HE,SE,MA}.png   16-bit probability maps (value / 65535), at the original size;
   NAME_mask_{EX,HE,SE,MA}.png   binary masks, prob > 0.5 (0 / 255);
-  NAME_overlay.png              the masks painted on the image: EX red, HE green, SE yellow, MA blue.
+  NAME_overlay.png              the lesion outlines on the image: EX red, HE green, SE yellow, MA blue.
 Inference is whole-image at the config's test scale (as the official test), the logits resized to the
 original size; or, with `--window=H,W --stride=H,W`, sliding windows at full resolution whose logits
 are averaged where they overlap (mmseg slide inference). Images of one size are batched. An unreadable

@@ -13,6 +13,7 @@ from configs import common
 from data_pipelines.lesions import CLASSES
 from m2mrf_jax import predict
 from m2mrf_jax import visualize
+from tests.test_visualize import boundary
 
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
@@ -100,13 +101,16 @@ def test_run_writes_maps_masks_overlays_and_skips_a_corrupt_file(tmp_path, capsy
     source = np.asarray(Image.open(next(tmp_path.glob(f'{stem}.*'))).convert('RGB'))
     assert overlay.shape == source.shape
     for c, (y, x) in marks.items():
-      np.testing.assert_array_equal(overlay[y, x], visualize.COLORS[c])
       with Image.open(out / f'{stem}_prob_{CLASSES[c]}.png') as png:
         assert png.mode.startswith('I;16') and png.size == (source.shape[1], source.shape[0])
         prob = np.asarray(png, np.float64) / 65535
       mask = np.asarray(Image.open(out / f'{stem}_mask_{CLASSES[c]}.png'))
       assert prob[y, x] > 0.99 and prob[2, 2] < 0.01  # lesion block vs grey background
       np.testing.assert_array_equal(mask > 0, prob > 0.5)
+      edge = boundary(mask > 0)  # the block's outline in the class colour, its inside as the photograph
+      assert edge.sum() >= 8 and not edge[y, x]
+      np.testing.assert_array_equal(overlay[edge], np.broadcast_to(visualize.COLORS[c], (edge.sum(), 3)))
+      np.testing.assert_array_equal(overlay[y, x], source[y, x])
     np.testing.assert_array_equal(overlay[2, 2], [100, 100, 100])  # background keeps the image
 
 
@@ -116,7 +120,7 @@ def test_overlay_paints_later_classes_on_top():
   masks[0, 0] = [True, True, False, False]  # EX + HE -> HE green
   masks[0, 1] = [True, False, True, True]  # -> MA blue
   masks[1, 0, 2] = True  # SE yellow
-  out = visualize.overlay(image, masks, alpha=0.5)
+  out = visualize.overlay(image, masks, 'fill', alpha=0.5)
   np.testing.assert_array_equal(out[0, 0], [64, 128, 0])  # red at 0.5, then green at 0.5 on top
   np.testing.assert_array_equal(out[0, 1], [96, 64, 128])  # red, yellow, then blue
   np.testing.assert_array_equal(out[1, 0], [128, 128, 0])
