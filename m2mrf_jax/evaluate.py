@@ -12,6 +12,7 @@ new image size compiles the step once (DDR's cameras give a few sizes).
 import itertools
 
 from absl import logging
+import cv2
 from flax import nnx
 import grain
 import jax
@@ -72,11 +73,13 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   Args:
     model: the segmentor; scored in eval mode (the caller's module is left as it is).
     examples: this process's `eval_example` dicts (`pipeline.eval_dataset`); may be empty.
-    config: the full config (`model.num_classes`, `eval_batch_size`, `aupr_fine_thresholds`).
+    config: the full config (`model.num_classes`, `eval_batch_size`, `aupr_fine_thresholds`,
+      `num_pictures`).
 
   Returns:
     The metrics dict of `metrics.scores` (`aupr`, `iou`, `f1`, `mAUPR`, `mIoU`, `mF1`, ...), with
-    `num_images` (over all processes).
+    `num_images` (over all processes) and `pictures`: image id -> `picture` of the first
+    `config.num_pictures` examples (process 0's; empty on the other processes).
   """
   mesh = mesh_lib.local_mesh()
   eval_model = nnx.clone(model)
@@ -89,40 +92,40 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   rows = NamedSharding(mesh, P('data'))
   batch_size = config.eval_batch_size * mesh.size
   reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
-  num_images, first = 0, None
+  num_images, pictures = 0, {}
+  wanted = config.num_pictures if jax.process_index() == 0 else 0
   for batch in same_size_batches(reader, batch_size):
     arrays = jax.device_put(_stack(batch, batch_size), rows)
     counts.total, logits = step(counts.total, state, *arrays)
-    if first is None:
-      first = batch[0], logits
+    if (take := min(wanted - len(pictures), len(batch))) > 0:
+      for example, row in zip(batch, np.asarray(logits[:take])):
+        pictures[example['id']] = picture(example, row, config.data)
     num_images += len(batch)
     logging.log_every_n_seconds(logging.INFO, 'evaluation: %d images', 30, num_images)
   result = counts.result()
   result['num_images'] = int(np.sum(_all_processes(num_images)))
   if not result['num_images']:
     raise ValueError('evaluation got no images')
-  if first is not None:
-    result['overlay'] = overlay_panel(first[0], np.asarray(first[1][0]), config.data)
+  result['pictures'] = pictures
   logging.info('evaluated %d images', result['num_images'])
   return result
 
 
-def overlay_panel(example, logits, data_config):
-  """Ground truth | prediction (prob > 0.5) painted on one example at the test scale, uint8 (h, 2w, 3).
+def picture(example, logits, data_config):
+  """`visualize.picture` of one example: the prediction as counted (logits resized to the original size
+  bilinearly, > 0: prob > 0.5), the image at the test scale; uint8.
 
   Args:
     example: an `eval_example` (normalised image at the test scale, masks at the original size).
-    logits: (h, w, C) the model's logits for it.
+    logits: (h, w, C) the model's logits for it at the test scale.
     data_config: `config.data` (mean, std to undo the normalisation).
   """
   image = example['image'] * np.asarray(data_config.std) + np.asarray(data_config.mean)
   image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-  h, w = image.shape[:2]
-  masks = example['masks']
-  rows = np.arange(h) * masks.shape[0] // h  # nearest (OpenCV's rule) down to the test scale
-  cols = np.arange(w) * masks.shape[1] // w
-  truth = masks[rows[:, None], cols[None, :]]
-  return np.concatenate([visualize.overlay(image, truth), visualize.overlay(image, logits > 0)], 1)
+  height, width = example['original_size']
+  predicted = cv2.resize(logits, (width, height), interpolation=cv2.INTER_LINEAR) > 0
+  return visualize.picture(image, example['masks'], predicted.reshape(height, width, -1),
+                           title=example['id'])
 
 
 def local_copy(x):

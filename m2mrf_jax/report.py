@@ -1,16 +1,19 @@
-"""Reporting scores: the paper's table (printed), metrics.json, pr_curves.png, TensorBoard."""
+"""Reporting scores: the paper's table (printed), metrics.json, pr_curves.png, pictures/, TensorBoard."""
 import json
+import re
 
 from absl import logging
 from etils import epath
 import jax
 import numpy as np
+from PIL import Image
 
 from data_pipelines.lesions import CLASSES
 from m2mrf_jax import visualize
 
 METRICS_FILE = 'metrics.json'
 PR_CURVES_FILE = 'pr_curves.png'
+PICTURES_DIR = 'pictures'  # one IMAGE_ID.png per picture of `evaluate.score`
 
 
 def format_table(scores: dict) -> str:
@@ -47,11 +50,17 @@ def scalars(scores: dict) -> dict:
   return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 
-def write(scores: dict, workdir, writer=None, step: int = 0) -> None:
-  """Prints the table, writes metrics.json and pr_curves.png into `workdir` (process 0 only).
+def picture_file(image_id: str) -> str:
+  """pictures/IMAGE_ID.png, characters other than letters, digits, '.', '-' and '_' replaced by '_'."""
+  return f'{PICTURES_DIR}/{re.sub(r"[^A-Za-z0-9._-]", "_", image_id)}.png'
 
+
+def write(scores: dict, workdir, writer=None, step: int = 0) -> None:
+  """Prints the table, writes metrics.json, pr_curves.png and pictures/ into `workdir` (process 0 only).
+
+  `scores['pictures']` (image id -> `evaluate.picture`), if present, become pictures/IMAGE_ID.png.
   With a `summary.Writer`, the PR curves also go to TensorBoard as the image 'pr_curves' at `step`,
-  and `scores['overlay']` (`evaluate.overlay_panel`), if present, as the image 'overlay'.
+  and the first picture as the image 'overlay'.
   """
   if jax.process_index() != 0:
     return
@@ -61,8 +70,13 @@ def write(scores: dict, workdir, writer=None, step: int = 0) -> None:
   (workdir / METRICS_FILE).write_text(json.dumps(to_json(scores), indent=1))
   figure = visualize.pr_curves(scores)
   figure.savefig(workdir / PR_CURVES_FILE, dpi=100)
+  pictures = scores.get('pictures', {})
+  if pictures:
+    (workdir / PICTURES_DIR).mkdir(exist_ok=True)
+  for image_id, picture in pictures.items():
+    Image.fromarray(picture).save(workdir / picture_file(image_id))
   if writer is not None:
     writer.write_image(step, 'pr_curves', visualize.to_array(figure))
-    if 'overlay' in scores:
-      writer.write_image(step, 'overlay', scores['overlay'])
-  logging.info('wrote %s and %s in %s', METRICS_FILE, PR_CURVES_FILE, workdir)
+    if pictures:
+      writer.write_image(step, 'overlay', next(iter(pictures.values())))
+  logging.info('wrote %s, %s and %d pictures in %s', METRICS_FILE, PR_CURVES_FILE, len(pictures), workdir)

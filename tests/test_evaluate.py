@@ -64,6 +64,7 @@ def fake_examples(seed):
 def test_score_equals_reference_on_8_devices():
   examples, labels = fake_examples(0)
   config = common.get_config('idrid', 'c')
+  config.num_pictures = 2  # fewer than the first batch of 3
   model = StandIn(nnx.Rngs(0))
   assert jax.local_device_count() == 8
   got = evaluate.score(model, grain.MapDataset.source(examples), config)
@@ -77,17 +78,45 @@ def test_score_equals_reference_on_8_devices():
   masks = [e['masks'] for e in examples]
   np.testing.assert_allclose(metrics.score_maps(probs, masks)['aupr_fine'], got['aupr_fine'], rtol=1e-4)
   assert model.bn.use_running_average is False  # the caller's module stays in train mode
-  # The first image, ground truth | prediction, at the test scale.
-  first = examples[0]
-  image = np.clip(np.round(first['image'] * np.array(config.data.std) + np.array(config.data.mean)), 0, 255)
-  image = image.astype(np.uint8)
-  predicted = reference_probs(model, first['image'], first['image'].shape[:2]) > 0.5
-  truth = torch.nn.functional.interpolate(  # nearest: source index floor(i * 24 / 10), as OpenCV
-      torch.from_numpy(first['masks'].astype(np.uint8)).permute(2, 0, 1)[None], size=(10, 15),
-      mode='nearest')[0].permute(1, 2, 0).numpy().astype(bool)
-  assert got['overlay'].shape == (10, 30, 3)
-  np.testing.assert_array_equal(got['overlay'][:, :15], visualize.overlay(image, truth))
-  np.testing.assert_array_equal(got['overlay'][:, 15:], visualize.overlay(image, predicted))
+  # The first config.num_pictures images: the picture of the image, the masks and the prediction at
+  # the original size as the reference counts it.
+  assert list(got['pictures']) == ['img0', 'img1']
+  for first in examples[:2]:
+    predicted = reference_probs(model, first['image'], first['original_size']) > 0.5
+    np.testing.assert_array_equal(got['pictures'][first['id']], visualize.picture(
+        denormalised(first, config.data), first['masks'], predicted, title=first['id']))
+
+
+def test_score_with_no_pictures():
+  examples, _ = fake_examples(1)
+  config = common.get_config('idrid', 'c')
+  config.num_pictures = 0
+  assert evaluate.score(StandIn(nnx.Rngs(0)), grain.MapDataset.source(examples), config)['pictures'] == {}
+
+
+def test_picture_draws_the_prediction_at_the_original_size(monkeypatch):
+  """evaluate.picture hands visualize.picture the photograph, the masks and torch's resized prob > 0.5."""
+  examples, _ = fake_examples(2)
+  config = common.get_config('idrid', 'c')
+  model = StandIn(nnx.Rngs(2))
+  model.eval()
+  seen = {}
+  monkeypatch.setattr(visualize, 'picture', lambda *args, **kwargs: seen.update(args=args, kwargs=kwargs))
+  for example in examples[2:]:  # two sizes
+    logits = np.asarray(model(example['image'][None]))[0]
+    evaluate.picture(example, logits, config.data)
+    image, truth, predicted = seen['args']
+    np.testing.assert_array_equal(image, denormalised(example, config.data))
+    assert truth is example['masks'] and seen['kwargs'] == {'title': example['id']}
+    want = reference_probs(model, example['image'], example['original_size']) > 0.5
+    assert predicted.shape == want.shape == (*example['original_size'], 4) and want.any()
+    np.testing.assert_array_equal(predicted, want)
+
+
+def denormalised(example, data_config):
+  """NumPy: the example's normalised image back to uint8 RGB."""
+  image = example['image'] * np.array(data_config.std) + np.array(data_config.mean)
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def test_same_size_batches_groups_consecutive_sizes():
@@ -101,8 +130,14 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
   probs = [rng.random((30, 20, 4), dtype=np.float32) ** 2 for _ in range(2)]
   masks = [rng.random((30, 20, 4)) < 0.1 for _ in range(2)]
   scores = metrics.score_maps(probs, masks)
+  pictures = {'IDRiD_55': rng.integers(0, 256, (6, 9, 3), dtype=np.uint8),
+              'cam 2/x': rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)}
   with summary.Writer(tmp_path) as writer:
-    report.write(scores, tmp_path, writer, step=7)
+    report.write(dict(scores, pictures=pictures), tmp_path, writer, step=7)
+  assert sorted(p.name for p in (tmp_path / 'pictures').iterdir()) == ['IDRiD_55.png', 'cam_2_x.png']
+  for image_id, name in [('IDRiD_55', 'IDRiD_55'), ('cam 2/x', 'cam_2_x')]:
+    with Image.open(tmp_path / 'pictures' / f'{name}.png') as png:
+      np.testing.assert_array_equal(np.asarray(png), pictures[image_id])
   saved = json.loads((tmp_path / 'metrics.json').read_text())
   for key in ('mAUPR', 'mIoU', 'mF1'):
     assert saved[key] == pytest.approx(scores[key])
@@ -117,11 +152,11 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
   with Image.open(tmp_path / 'pr_curves.png') as png:
     assert png.size[0] > 3 * png.size[1]  # four panels side by side
     curves = np.asarray(png.convert('RGB'))
-  (event,) = [e for e in read_events(tmp_path) if e.summary.value]
-  (value,) = event.summary.value
-  assert (event.step, value.tag) == (7, 'pr_curves')
-  with Image.open(io.BytesIO(value.image.encoded_image_string)) as logged:
-    np.testing.assert_array_equal(np.asarray(logged.convert('RGB')), curves)
+  images = [(e.step, v) for e in read_events(tmp_path) for v in e.summary.value]
+  assert [(step, v.tag) for step, v in images] == [(7, 'pr_curves'), (7, 'overlay')]
+  for (_, value), want in zip(images, [curves, pictures['IDRiD_55']]):  # the first picture as 'overlay'
+    with Image.open(io.BytesIO(value.image.encoded_image_string)) as logged:
+      np.testing.assert_array_equal(np.asarray(logged.convert('RGB')), want)
 
 
 def test_score_on_synthetic_idrid_against_the_tiff_masks(tmp_path):
