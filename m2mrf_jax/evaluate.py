@@ -7,7 +7,8 @@ full-resolution map never exists at once), all in one jitted step on device. A b
 holds images of one size, `config.eval_batch_size` per device, split over the devices of this process
 (grain decodes the next images in threads meanwhile); each process scores its share of the split
 (`data_pipelines.pipeline.eval_dataset`) and the counts are summed across processes at the end. Every
-new image size compiles the step once (DDR's cameras give a few sizes).
+new image size compiles the step once (DDR's cameras give a few sizes). Process 0 also draws its first
+`config.num_pictures` examples side by side (`picture`), one at a time as they come.
 """
 import itertools
 
