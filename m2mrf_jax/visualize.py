@@ -49,11 +49,10 @@ def any_pool(masks: np.ndarray, size) -> np.ndarray:
   Cell (i, j) covers rows floor(i H / h) .. floor((i + 1) H / h) - 1 (at least one row; upscaling
   is then OpenCV's nearest rule), and likewise the columns.
   """
-  def cells(n, m):
-    return np.arange(m) * n // m
-
-  pooled = np.logical_or.reduceat(masks, cells(masks.shape[0], size[0]), axis=0)
-  return np.logical_or.reduceat(pooled, cells(masks.shape[1], size[1]), axis=1)
+  rows = np.arange(size[0] + 1) * masks.shape[0] // size[0]
+  # Row by row: np.logical_or.reduceat along axis 0 is ~8x slower on a (2848, 4288, 4) mask.
+  pooled = np.stack([masks[a:max(b, a + 1)].any(0) for a, b in zip(rows[:-1], rows[1:])])
+  return np.logical_or.reduceat(pooled, np.arange(size[1]) * masks.shape[1] // size[1], axis=1)
 
 
 def largest_cluster(mask: np.ndarray, radius: int):
