@@ -59,8 +59,8 @@ def largest_cluster(mask: np.ndarray, radius: int):
   """The box (y, x, h, w) of the largest cluster of a bool (H, W) mask, or None if it is empty.
 
   A cluster is an 8-connected component of the mask dilated by a (2 radius + 1)-pixel square
-  (cv2.connectedComponentsWithStats), so lesions less than 2 radius + 1 pixels apart join one; the
-  largest holds the most mask pixels (ties: the first in row-major order). The box is that dilated
+  (cv2.connectedComponentsWithStats), so mask pixels at most 2 radius + 1 apart in rows and in columns
+  join one; the largest holds the most mask pixels (ties: the first in row-major order). The box is that dilated
   component's bounding box (the cluster's pixels grown by `radius`, clipped to the image).
   """
   if not mask.any():

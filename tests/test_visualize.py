@@ -97,6 +97,9 @@ def test_largest_cluster_finds_a_planted_cluster():
   # Without dilation every dot is its own cluster: the 4x4 lesion is the largest.
   assert visualize.largest_cluster(mask, radius=0) == (160, 240, 4, 4)
   assert visualize.largest_cluster(np.zeros((5, 5), bool), radius=2) is None
+  pair = np.zeros((20, 30), bool)
+  pair[5, [5, 12, 20]] = True  # 7 = 2 radius + 1 apart joins, 8 does not
+  assert visualize.largest_cluster(pair, radius=3) == (2, 2, 7, 14)
 
 
 def test_zoom_box_falls_back_to_the_prediction_then_the_centre():
