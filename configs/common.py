@@ -92,5 +92,6 @@ def get_config(dataset='idrid', variant='c'):
   config.eval_split = config.data.eval_split
   config.eval_batch_size = 1  # images per device at evaluation (whole-image inference)
   config.aupr_fine_thresholds = 1001  # the extra, finer AUPR column
+  config.tta = 'none'  # evaluation: none (official) | flip (also the left-right mirror, logits averaged)
   config.lock()
   return config
