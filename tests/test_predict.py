@@ -137,6 +137,33 @@ def test_cli_rejects_an_empty_checkpoint(tmp_path):
   assert '--checkpoint is required' in result.stderr
 
 
+@pytest.mark.slow
+def test_cli_round_trip_with_a_folder_a_quoted_glob_and_the_new_options(tmp_path):
+  """The W18 demo model saved as a checkpoint; predict from the command line with every new flag."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  from m2mrf_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  checkpoints.save_model(tmp_path / 'ckpt', models.build(config.model, nnx.Rngs(0)), config.model)
+  for folder, name, seed in [('photos', 'a.jpg', 1), ('photos', 'b.png', 2), ('more/deep', 'c.png', 3)]:
+    (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(marked_image((80, 120), seed)[0]).save(tmp_path / folder / name)
+  (tmp_path / 'photos' / 'broken.png').write_bytes(b'not a png')
+  result = subprocess.run(
+      [sys.executable, '-m', 'm2mrf_jax.predict', '--config=configs/demo.py',
+       f'--checkpoint={tmp_path / "ckpt"}', f'--output={tmp_path / "out"}', '--window=64,96',
+       '--blend=gaussian', '--tta=flip', '--save_probabilities', '--batch_size=2',
+       str(tmp_path / 'photos'), f'{tmp_path}/more/**/*.png'],
+      capture_output=True, text=True, timeout=600,
+      env={'JAX_PLATFORMS': 'cpu', 'PATH': '', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'})  # plumbing
+  assert result.returncode == 1, result.stderr  # the broken file
+  assert 'broken.png' in result.stderr and '1 of 4 inputs failed' in result.stderr
+  for stem in ('a', 'b', 'c'):
+    with np.load(tmp_path / 'out' / f'{stem}_probs.npz') as saved:
+      assert saved['probabilities'].shape == (80, 120, 4) and saved['probabilities'].dtype == np.float16
+    assert (tmp_path / 'out' / f'{stem}_overlay.png').exists()
+  assert not list((tmp_path / 'out').glob('broken*'))
+
+
 class RampModel(nnx.Module):
   """Logits that depend on the position inside the input (a ramp), so windows disagree where they overlap."""
 
