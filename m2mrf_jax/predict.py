@@ -40,7 +40,7 @@ from m2mrf_jax import layers
 from m2mrf_jax import visualize
 
 FLAGS = flags.FLAGS
-BLEND_MODES = ('mean', 'gaussian')
+BLEND_MODES = ('mean', 'gaussian')  # how overlapping windows are blended (`blend_weights`)
 config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (model and test scale).')
 flags.DEFINE_string('checkpoint', None, 'An orbax checkpoint directory (training workdir or converted).')
 flags.DEFINE_string('output', None, 'Folder for the probability maps, masks and overlays.')
@@ -93,8 +93,8 @@ def read_image(path) -> np.ndarray:
   """An image file as uint8 RGB (H, W, 3), as the official mmcv.imread (cv2, IMREAD_COLOR: grey and
   16-bit files become 8-bit colour, EXIF orientation applied); raises ValueError naming the file."""
   if os.path.isdir(path):
-    raise ValueError(f'cannot read image {path}: a folder with no image files '
-                     f'({", ".join(IMAGE_SUFFIXES)}) directly inside')
+    raise ValueError(f'cannot read image {path}: a folder with no image files directly inside '
+                     '(.jpg, .png, .tif, ... by suffix)')
   try:
     image = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
   except (OSError, cv2.error) as e:
