@@ -93,5 +93,6 @@ def get_config(dataset='idrid', variant='c'):
   config.eval_batch_size = 1  # images per device at evaluation (whole-image inference)
   config.aupr_fine_thresholds = 1001  # the extra, finer AUPR column
   config.num_pictures = 4  # first test images drawn side by side in workdir/pictures/ (0: none)
+  config.tta = 'none'  # evaluation: none (official) | flip (also the left-right mirror, logits averaged)
   config.lock()
   return config

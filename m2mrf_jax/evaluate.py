@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from data_pipelines import pipeline
 from data_pipelines import prepare
 from m2mrf_jax import checkpoints
+from m2mrf_jax import inference
 from m2mrf_jax import mesh as mesh_lib
 from m2mrf_jax import metrics
 from m2mrf_jax import report
@@ -31,16 +32,17 @@ from m2mrf_jax import summary
 from m2mrf_jax import visualize
 
 
-def make_eval_step(graphdef, edges, mesh: Mesh):
+def make_eval_step(graphdef, edges, mesh: Mesh, tta: str = 'none'):
   """The jitted counting step: (total, state, images, masks, valid) -> (total, logits at the input size).
 
   Args:
     graphdef: the model's graph definition (eval mode).
     edges: (T,) float32 thresholds of the counts.
     mesh: a 1-D 'data' mesh; images (N, h', w', 3), masks (N, H, W, C) and valid (N,) are split over it.
+    tta: test-time augmentation, 'none' or 'flip' (`inference.logits`).
   """
   def step(total, state, images, masks, valid):
-    logits = nnx.merge(graphdef, state)(images)
+    logits = inference.logits(nnx.merge(graphdef, state), images, tta)
     return metrics.count_resized(total, logits, masks, valid, edges, 'data'), logits
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'), P('data')),
@@ -89,7 +91,7 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   state = jax.device_put(jax.tree.map(local_copy, state), mesh_lib.replicated(mesh))
 
   counts = metrics.PooledCounts(config.model.num_classes, config.aupr_fine_thresholds, mesh=mesh)
-  step = make_eval_step(graphdef, counts.edges, mesh)
+  step = make_eval_step(graphdef, counts.edges, mesh, config.tta)
   rows = NamedSharding(mesh, P('data'))
   batch_size = config.eval_batch_size * mesh.size
   reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
+from m2mrf_jax import inference
 from m2mrf_jax import train
 from m2mrf_jax.grading import train as grading_train
 
@@ -37,6 +38,9 @@ flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
                   'train (resumes from the workdir, evaluates at the end) or evaluate.')
 flags.DEFINE_string('checkpoint', '', 'evaluate: an orbax checkpoint directory (default: the '
                     'latest in --workdir), e.g. one written by m2mrf_jax.convert.')
+flags.DEFINE_enum('tta', None, list(inference.TTA_MODES), 'Test-time augmentation of the evaluation: '
+                  'none (official) or flip (left-right mirror, logits averaged); default: the config\'s '
+                  '`tta`.')
 flags.DEFINE_bool('multihost', os.environ.get('M2MRF_MULTIHOST', '') not in ('', '0'),
                   'Call jax.distributed.initialize() (default from $M2MRF_MULTIHOST).')
 flags.DEFINE_string('coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
@@ -72,6 +76,10 @@ def main(argv):
   logging.info('process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   grading = FLAGS.config.get('task') == 'grading'  # DR grading (SiAN), configs/*_grading.py
+  if FLAGS.tta is not None:
+    if grading:
+      raise app.UsageError('--tta is for the lesion segmentation configs, not DR grading')
+    FLAGS.config.tta = FLAGS.tta
   if FLAGS.mode == 'train':
     (grading_train if grading else train).train_and_evaluate(FLAGS.config, FLAGS.workdir)
   else:

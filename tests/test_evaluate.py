@@ -5,6 +5,7 @@ import json
 from flax import nnx
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -37,13 +38,29 @@ class StandIn(nnx.Module):
     return self.bn(self.conv(x))
 
 
-def reference_probs(model, image, size):
-  """Logits in NumPy, bilinear resize with torch (align_corners=False), sigmoid: (H, W, 4)."""
+class Skewed(StandIn):
+  """StandIn plus a ramp across the columns: not mirror-symmetric, so flip TTA changes its logits."""
+
+  def __call__(self, x):
+    return super().__call__(x) + jnp.linspace(-1.5, 1.5, x.shape[2])[:, None]
+
+
+def reference_logits(model, image):
+  """StandIn's (or Skewed's) eval-mode logits in NumPy: (h, w, 4)."""
   w, b = np.asarray(model.conv.kernel[...]), np.asarray(model.conv.bias[...])
   bn = model.bn
   logits = image @ w + b
   logits = (logits - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + bn.epsilon)
   logits = logits * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
+  if isinstance(model, Skewed):
+    logits = logits + np.linspace(-1.5, 1.5, image.shape[1])[:, None]
+  return logits
+
+
+def reference_probs(model, image, size, logits=None):
+  """Logits (default: `reference_logits`), bilinear resize with torch (align_corners=False), sigmoid:
+  (H, W, 4)."""
+  logits = reference_logits(model, image) if logits is None else logits
   t = torch.from_numpy(logits.astype(np.float32)).permute(2, 0, 1)[None]
   t = torch.nn.functional.interpolate(t, size=size, mode='bilinear', align_corners=False)
   return torch.sigmoid(t)[0].permute(1, 2, 0).numpy()
@@ -117,6 +134,27 @@ def denormalised(example, data_config):
   """NumPy: the example's normalised image back to uint8 RGB."""
   image = example['image'] * np.array(data_config.std) + np.array(data_config.mean)
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def test_score_with_flip_tta_averages_the_mirrored_logits():
+  examples, labels = fake_examples(2)
+  config = common.get_config('idrid', 'c')
+  assert config.tta == 'none'  # the official protocol by default
+  config.tta = 'flip'
+  model = Skewed(nnx.Rngs(2))
+  got = evaluate.score(model, grain.MapDataset.source(examples), config)
+  probs = []
+  for e in examples:  # mirror the input, run, mirror back, average the logits; then resize + sigmoid
+    plain = reference_logits(model, e['image'])
+    averaged = (plain + reference_logits(model, e['image'][:, ::-1])[:, ::-1]) / 2
+    assert np.abs(averaged - plain).max() > 0.5
+    probs.append(reference_probs(model, e['image'], e['original_size'], averaged))
+  want = official_metrics(probs, labels)
+  for key in ('aupr', 'iou', 'f1'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+  plain = official_metrics([reference_probs(model, e['image'], e['original_size']) for e in examples],
+                           labels)
+  assert np.abs(plain['aupr'] - want['aupr']).max() > 1e-3  # TTA made a difference the test can see
 
 
 def test_same_size_batches_groups_consecutive_sizes():
