@@ -10,12 +10,14 @@ holds images of one size, `config.eval_batch_size` per device, split over the de
 new image size compiles the step once (DDR's cameras give a few sizes).
 """
 import itertools
+import sys
 
 from absl import logging
 from flax import nnx
 import grain
 import jax
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -30,7 +32,10 @@ from m2mrf_jax import visualize
 
 
 def make_eval_step(graphdef, edges, mesh: Mesh):
-  """The jitted counting step: (total, state, images, masks, valid) -> (total, logits at the input size).
+  """The jitted counting step: (total, state, images, masks, valid) -> (total, hist, logits).
+
+  hist is the batch's per-image histograms (N, 2, C, T + 1) (`metrics.histogram`), logits are at the
+  input size.
 
   Args:
     graphdef: the model's graph definition (eval mode).
@@ -39,10 +44,11 @@ def make_eval_step(graphdef, edges, mesh: Mesh):
   """
   def step(total, state, images, masks, valid):
     logits = nnx.merge(graphdef, state)(images)
-    return metrics.count_resized(total, logits, masks, valid, edges, 'data'), logits
+    total, hist = metrics.count_resized(total, logits, masks, valid, edges, 'data')
+    return total, hist, logits
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'), P('data')),
-                          out_specs=(P(), P('data')), check_vma=False)
+                          out_specs=(P(), P('data'), P('data')), check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -76,7 +82,8 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
 
   Returns:
     The metrics dict of `metrics.scores` (`aupr`, `iou`, `f1`, `mAUPR`, `mIoU`, `mF1`, ...), with
-    `num_images` (over all processes).
+    `num_images` and `per_image` (`metrics.PooledCounts.image_result`: ids and (N, C) scores), over
+    all processes.
   """
   mesh = mesh_lib.local_mesh()
   eval_model = nnx.clone(model)
@@ -90,14 +97,20 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   batch_size = config.eval_batch_size * mesh.size
   reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
   num_images, first = 0, None
+  progress = tqdm.tqdm(total=len(examples), desc='evaluation', unit='image', file=sys.stderr,
+                       disable=jax.process_index() != 0)
   for batch in same_size_batches(reader, batch_size):
     arrays = jax.device_put(_stack(batch, batch_size), rows)
-    counts.total, logits = step(counts.total, state, *arrays)
+    counts.total, hist, logits = step(counts.total, state, *arrays)
+    counts.add_images(hist, arrays[2], [e['id'] for e in batch])
     if first is None:
       first = batch[0], logits
     num_images += len(batch)
+    progress.update(len(batch))
     logging.log_every_n_seconds(logging.INFO, 'evaluation: %d images', 30, num_images)
+  progress.close()
   result = counts.result()
+  result['per_image'] = counts.image_result()
   result['num_images'] = int(np.sum(_all_processes(num_images)))
   if not result['num_images']:
     raise ValueError('evaluation got no images')
