@@ -26,10 +26,15 @@ import time
 import numpy as np
 
 CLASSES = ('EX', 'HE', 'SE', 'MA')
+MASK_BITS = np.array([0, 1, 2, 4, 8] + [0] * 251, np.uint8)  # label k -> bit k - 1 (`metrics.pack_masks`)
 
 
 def make_example(index, height, width, test_size):
-  """Deterministic logits (4, h, w) float32 at the test scale and label map (H, W) uint8 (0 = bg)."""
+  """Deterministic logits (4, h, w) float32 at the test scale and label map (H, W) uint8 (0 = bg).
+
+  Generated in float32 and in place, so that the inputs of one image are all a child holds besides
+  what its approach keeps (the peak memory is the approach's).
+  """
   rng = np.random.default_rng(index)
   label = np.zeros((height, width), np.uint8)
   for cls, count, size in ((1, 60, 40), (2, 30, 60), (3, 4, 120), (4, 300, 6)):
@@ -41,8 +46,11 @@ def make_example(index, height, width, test_size):
   rows = np.arange(h) * height // h
   cols = np.arange(w) * width // w
   small = label[rows][:, cols]  # nearest-neighbour label at the test scale
-  logits = rng.normal(-3.0, 1.5, (4, h, w)).astype(np.float32)
-  logits += 4.0 * (small[None] == np.arange(1, 5, dtype=np.uint8)[:, None, None])
+  logits = rng.standard_normal((4, h, w), dtype=np.float32)
+  logits *= np.float32(1.5)
+  logits -= np.float32(3.0)
+  for cls in range(1, 5):
+    logits[cls - 1][small == cls] += np.float32(4.0)
   return logits, label
 
 
@@ -68,92 +76,103 @@ def official_counts(results, labels):
   return dict(aupr=aupr.tolist(), iou=iou.tolist(), f1=f1.tolist())
 
 
+class Timer:
+  """Wall and CPU (all threads of the process) seconds spent inside `with timer:` blocks."""
+
+  def __init__(self):
+    self.wall = self.cpu = 0.0
+
+  def __enter__(self):
+    self._start = time.perf_counter(), time.process_time()
+
+  def __exit__(self, *exc):
+    self.wall += time.perf_counter() - self._start[0]
+    self.cpu += time.process_time() - self._start[1]
+
+
 def official(args):
-  """torch resize + sigmoid per image into a list, then NumPy counting; (seconds, scores)."""
+  """torch resize + sigmoid per image into a list, then NumPy counting; (timer, scores)."""
   import sklearn.metrics  # pylint: disable=g-import-not-at-top,unused-import (slow first import)
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
-  results, labels, seconds = [], [], 0.0
+  results, labels, timer = [], [], Timer()
+  base_mib = _rss_mib()
   for i in range(args.images):
     logits, label = make_example(i, args.height, args.width, args.test_size)
-    start = time.perf_counter()
-    t = torch.nn.functional.interpolate(torch.from_numpy(logits)[None], size=(args.height, args.width),
-                                        mode='bilinear', align_corners=False)
-    results.append(torch.sigmoid(t)[0].numpy())  # mmseg keeps (C, H, W) float32 maps
-    seconds += time.perf_counter() - start
+    with timer:
+      t = torch.nn.functional.interpolate(torch.from_numpy(logits)[None], size=(args.height, args.width),
+                                          mode='bilinear', align_corners=False)
+      results.append(torch.sigmoid(t)[0].numpy())  # mmseg keeps (C, H, W) float32 maps
     labels.append(label)
     del logits, t
-  resize_s = seconds
-  start = time.perf_counter()
-  scores = official_counts(results, labels)
-  seconds += time.perf_counter() - start
-  scores['split'] = f'resize + sigmoid {resize_s:.1f} s, NumPy counting {seconds - resize_s:.1f} s'
+  resize_s = timer.wall
+  with timer:
+    scores = official_counts(results, labels)
+  scores['split'] = f'resize + sigmoid {resize_s:.1f} s, NumPy counting {timer.wall - resize_s:.1f} s'
   if args.save_probs:  # for the `counting` check, one file per map (no extra copy in memory)
     for i, result in enumerate(results):
       np.save(os.path.join(args.save_probs, f'{i}.npy'), result)
-  return seconds, scores
+  return timer, dict(scores, base_mib=base_mib)
 
 
-def _scores(metrics, counter):
-  result = counter.result()
+def _scores(counter):
+  result, per_image = counter.result(), counter.image_result()
   return dict(aupr=result['aupr'].tolist(), iou=result['iou'].tolist(), f1=result['f1'].tolist(),
-              mAUPR_fine=result['mAUPR_fine'])
+              mAUPR_fine=result['mAUPR_fine'], images=len(per_image['ids']))
 
 
 def m2mrf_jax(args):
-  """metrics.count_resized per image (jitted, on the default device); (seconds, scores)."""
+  """metrics.count_resized per image (jitted, on the default device); (timer, scores)."""
   import jax  # pylint: disable=g-import-not-at-top
   from m2mrf_jax import metrics  # pylint: disable=g-import-not-at-top
   counter = metrics.PooledCounts()
   step = jax.jit(lambda total, logits, masks, valid: metrics.count_resized(
       total, logits, masks, valid, counter.edges), donate_argnums=0)
   valid = np.ones((1,), bool)
-  logits, label = make_example(0, args.height, args.width, args.test_size)
-  shapes = (counter.total, logits.transpose(1, 2, 0)[None], label[None, ..., None].repeat(4, -1) > 0,
-            valid)
+  h, w = args.test_size
+  shapes = (counter.total, jax.ShapeDtypeStruct((1, h, w, 4), np.float32),
+            jax.ShapeDtypeStruct((1, args.height, args.width), np.uint8), valid)
   step = step.lower(*shapes).compile()  # compile excluded from the time
-  del logits, label, shapes
-  seconds = 0.0
+  timer = Timer()
   base_mib = _rss_mib()
   for i in range(args.images):
     logits, label = make_example(i, args.height, args.width, args.test_size)
-    start = time.perf_counter()
-    masks = label[None, ..., None] == np.arange(1, 5, dtype=np.uint8)  # as the pipeline's masks
-    counter.total = step(counter.total, logits.transpose(1, 2, 0)[None], masks, valid)
-    jax.block_until_ready(counter.total)
-    seconds += time.perf_counter() - start
+    with timer:
+      masks = MASK_BITS[label][None]  # metrics.pack_masks of the one-hot masks, from the label map
+      counter.total, hist = step(counter.total, logits.transpose(1, 2, 0)[None], masks, valid)
+      counter.add_images(hist, valid)  # per-image counts, as evaluate.score keeps them
+      jax.block_until_ready(counter.total)
     del logits, label, masks
-  start = time.perf_counter()
-  scores = _scores(metrics, counter)
-  seconds += time.perf_counter() - start
-  return seconds, dict(scores, device=str(jax.devices()[0]), base_mib=base_mib)
+  with timer:
+    scores = _scores(counter)  # pooled and per-image scores
+  return timer, dict(scores, device=str(jax.devices()[0]), base_mib=base_mib)
 
 
 def counting(args):
-  """metrics.PooledCounts over the official approach's saved maps, one image at a time; (seconds, scores)."""
+  """metrics.PooledCounts over the official approach's saved maps, one image at a time; (timer, scores)."""
   import jax  # pylint: disable=g-import-not-at-top
   from m2mrf_jax import metrics  # pylint: disable=g-import-not-at-top
   counter = metrics.PooledCounts()
   shape = (1, args.height, args.width, 4)
   counter.update(np.zeros(shape, np.float32), np.zeros(shape, bool), valid=[False])  # compiles
-  seconds = 0.0
+  timer = Timer()
+  base_mib = _rss_mib()
   for i in range(args.images):
     _, label = make_example(i, args.height, args.width, args.test_size)
     probs = np.load(os.path.join(args.save_probs, f'{i}.npy'))
     probs = np.ascontiguousarray(probs.transpose(1, 2, 0))
-    start = time.perf_counter()
-    masks = label[..., None] == np.arange(1, 5, dtype=np.uint8)
-    counter.update(probs[None], masks[None])
-    jax.block_until_ready(counter.total)
-    seconds += time.perf_counter() - start
+    with timer:
+      masks = label[..., None] == np.arange(1, 5, dtype=np.uint8)
+      counter.update(probs[None], masks[None])
+      jax.block_until_ready(counter.total)
     del probs, masks
-  start = time.perf_counter()
-  scores = _scores(metrics, counter)
-  return seconds + time.perf_counter() - start, scores
+  with timer:
+    scores = _scores(counter)
+  return timer, dict(scores, base_mib=base_mib)
 
 
 def breakdown(args):
-  """Seconds per image of the parts of m2mrf_jax's step, each jitted alone on image 0."""
+  """Wall and CPU seconds of the parts of m2mrf_jax's step on one image, each jitted alone."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from m2mrf_jax import layers  # pylint: disable=g-import-not-at-top
@@ -165,25 +184,27 @@ def breakdown(args):
   edges = jnp.asarray(metrics.float32_thresholds(1001))
   valid = jnp.ones((1,), bool)
   probs = jax.jit(lambda x: jax.nn.sigmoid(layers.resize_bilinear(x, size)))(logits)
+  bits = MASK_BITS[label][None]
   parts = {
-      'masks from the label map (host)': (
-          lambda: label[None, ..., None] == np.arange(1, 5, dtype=np.uint8), ()),
-      'resize (whole map)': (jax.jit(lambda x: layers.resize_bilinear(x, size)), (logits,)),
+      'mask bits from the label map (host)': (lambda: MASK_BITS[label][None], ()),
+      'pack_masks of (H, W, 4) bool masks (host, evaluate.score\'s path)': (
+          lambda: metrics.pack_masks(masks), ()),
       'resize + sigmoid (whole map)': (jax.jit(lambda x: jax.nn.sigmoid(layers.resize_bilinear(x, size))),
                                        (logits,)),
-      'bin index of the probabilities': (jax.jit(lambda p: metrics.bin_index(p, edges)), (probs,)),
-      'histogram of the probabilities': (jax.jit(lambda p, m: metrics.histogram(p, m, valid, edges)),
-                                         (probs, masks)),
+      'bin index (whole map)': (jax.jit(lambda p: metrics.bin_index(p, edges)), (probs,)),
+      'histogram (bin index + scatter, whole map)': (
+          jax.jit(lambda p, m: metrics.histogram(p, m, valid, edges)), (probs, masks)),
       'count_resized (banded, all of it)': (jax.jit(lambda x, m: metrics.resized_histogram(
-          x, m, valid, edges)), (logits, masks)),
+          x, m, valid, edges)), (logits, bits)),
   }
   times = {}
   for name, (fn, inputs) in parts.items():
     jax.block_until_ready(fn(*inputs))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*inputs))
-    times[name] = time.perf_counter() - start
-  return 0.0, dict(parts=times)
+    timer = Timer()
+    with timer:
+      jax.block_until_ready(fn(*inputs))
+    times[name] = (timer.wall, timer.cpu)
+  return Timer(), dict(parts=times)
 
 
 APPROACHES = {'official': official, 'm2mrf_jax': m2mrf_jax, 'counting': counting,
@@ -195,9 +216,9 @@ def _rss_mib():
 
 
 def run_child(args):
-  seconds, scores = APPROACHES[args.approach](args)
+  timer, scores = APPROACHES[args.approach](args)
   peak_mib = _rss_mib()
-  print(json.dumps(dict(seconds=seconds, peak_mib=peak_mib, **scores)))
+  print(json.dumps(dict(seconds=timer.wall, cpu_seconds=timer.cpu, peak_mib=peak_mib, **scores)))
 
 
 def main():
@@ -228,21 +249,26 @@ def main():
       rows[approach] = json.loads(out.stdout.strip().splitlines()[-1])
   parts = rows.pop('breakdown')['parts']
   base = rows['official']
-  print(f'{"approach":<11}{"time (s)":>9}{"x faster":>9}{"peak RSS (MiB)":>15}{"of official":>12}'
+  print(f'{"approach":<11}{"time (s)":>9}{"x faster":>9}{"CPU (s)":>9}{"x less":>8}'
+        f'{"peak RSS (MiB)":>15}{"of official":>12}{"above base":>11}'
         f'{"mAUPR %":>9}{"mIoU %":>9}{"mF1 %":>9}{"max |diff|":>11}')
   for approach, row in rows.items():
     diff = max(np.abs(np.subtract(row[k], base[k])).max() for k in ('aupr', 'iou', 'f1'))
     print(f'{approach:<11}{row["seconds"]:>9.1f}{base["seconds"] / row["seconds"]:>9.1f}'
+          f'{row["cpu_seconds"]:>9.1f}{base["cpu_seconds"] / row["cpu_seconds"]:>8.1f}'
           f'{row["peak_mib"]:>15.0f}{row["peak_mib"] / base["peak_mib"]:>12.3f}'
+          f'{row["peak_mib"] - row["base_mib"]:>11.0f}'
           f'{100 * np.mean(row["aupr"]):>9.4f}{100 * np.mean(row["iou"]):>9.4f}'
           f'{100 * np.mean(row["f1"]):>9.4f}{diff:>11.1e}')
   ours = rows['m2mrf_jax']
+  print(f'(time: wall seconds of the timed work; CPU: its user + system seconds over all threads, less '
+        f'sensitive to other load; "above base": peak RSS minus the RSS after imports and compilation, '
+        f'official {base["base_mib"]:.0f} MiB, m2mrf_jax {ours["base_mib"]:.0f} MiB)')
   print(f'm2mrf_jax device: {ours["device"]}; its fine 1001-threshold mAUPR '
-        f'{100 * ours["mAUPR_fine"]:.4f}; its peak RSS above the {ours["base_mib"]:.0f} MiB of the '
-        f'imported and compiled runtime: {ours["peak_mib"] - ours["base_mib"]:.0f} MiB')
+        f'{100 * ours["mAUPR_fine"]:.4f}; per-image scores of {ours["images"]} images included')
   print(f'official: {base["split"]}')
-  print('m2mrf_jax, per image (each part jitted alone, image 0): ' +
-        ', '.join(f'{name} {1e3 * t:.0f} ms' for name, t in parts.items()))
+  print('m2mrf_jax, one image (each part jitted alone, image 0), wall / CPU: ' +
+        ', '.join(f'{name} {1e3 * t[0]:.0f} / {1e3 * t[1]:.0f} ms' for name, t in parts.items()))
   print('counting: per-class AUPR, IoU, F1 equal to the official ones to 1e-12:',
         all(np.allclose(rows['counting'][k], base[k], rtol=1e-12, atol=0) for k in ('aupr', 'iou', 'f1')))
 

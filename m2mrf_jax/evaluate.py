@@ -40,7 +40,8 @@ def make_eval_step(graphdef, edges, mesh: Mesh):
   Args:
     graphdef: the model's graph definition (eval mode).
     edges: (T,) float32 thresholds of the counts.
-    mesh: a 1-D 'data' mesh; images (N, h', w', 3), masks (N, H, W, C) and valid (N,) are split over it.
+    mesh: a 1-D 'data' mesh; images (N, h', w', 3), masks (N, H, W) uint8 (`metrics.pack_masks`) and
+      valid (N,) are split over it.
   """
   def step(total, state, images, masks, valid):
     logits = nnx.merge(graphdef, state)(images)
@@ -64,10 +65,10 @@ def same_size_batches(examples, batch_size: int):
 
 
 def _stack(batch, size):
-  """(images, masks, valid) of `size` rows; missing rows repeat the last example and are not valid."""
+  """(images, mask bits, valid) of `size` rows; missing rows repeat the last example and are not valid."""
   rows = batch + [batch[-1]] * (size - len(batch))
   images = np.stack([np.asarray(e['image'], np.float32) for e in rows])
-  masks = np.stack([np.asarray(e['masks'], bool) for e in rows])
+  masks = np.stack([metrics.pack_masks(e['masks']) for e in rows])
   valid = np.arange(size) < len(batch)
   return images, masks, valid
 

@@ -150,9 +150,29 @@ def resized_probs(logits: jax.Array, size, start, rows: int, window: int) -> jax
   return jax.nn.sigmoid(top * w0 + bottom * w1)
 
 
-def resized_histogram(logits: jax.Array, masks: jax.Array, valid: jax.Array, edges: jax.Array,
+def pack_masks(masks) -> np.ndarray:
+  """(..., C) bool masks as uint8 bits (...), bit c for class c (C <= 8): what `count_resized` takes.
+
+  A quarter of the bytes of the bool masks (IDRiD: 12 MB an image instead of 49 MB) to copy to the
+  device and to hold there.
+  """
+  masks = np.asarray(masks, bool)
+  if masks.shape[-1] > 8:
+    raise ValueError(f'pack_masks packs at most 8 classes into a byte, got {masks.shape[-1]}')
+  bits = np.zeros(masks.shape[:-1], np.uint8)
+  for c in range(masks.shape[-1]):  # ~5x faster than np.packbits along a last axis of 4
+    bits |= masks[..., c].view(np.uint8) << np.uint8(c)
+  return bits
+
+
+def unpack_masks(bits: jax.Array, num_classes: int) -> jax.Array:
+  """`pack_masks` undone: uint8 bits (...) -> bool (..., num_classes)."""
+  return (bits[..., None] >> jnp.arange(num_classes, dtype=jnp.uint8)) & 1 > 0
+
+
+def resized_histogram(logits: jax.Array, mask_bits: jax.Array, valid: jax.Array, edges: jax.Array,
                       band_rows: int = 32) -> jax.Array:
-  """`histogram` of sigmoid(resize_bilinear(logits, masks' size)), `band_rows` rows at a time.
+  """`histogram` of sigmoid(resize_bilinear(logits, the masks' size)), `band_rows` rows at a time.
 
   The full-resolution probabilities never exist at once: each band of rows is interpolated from the
   logits, passed through the sigmoid and counted in one loop step (memory O(band_rows W C), not O(H W C);
@@ -160,15 +180,16 @@ def resized_histogram(logits: jax.Array, masks: jax.Array, valid: jax.Array, edg
 
   Args:
     logits: (N, h, w, C) logits at the network's input size.
-    masks: (N, H, W, C) bool ground truth at the original size.
+    mask_bits: (N, H, W) uint8 ground truth at the original size, `pack_masks` of (N, H, W, C) masks.
     valid: (N,) bool; False rows are not counted.
     edges: (T,) float32 thresholds.
 
   Returns:
     (N, 2, C, T + 1) uint32, as `histogram`.
   """
-  n, h, w, c = masks.shape
-  _check_pixels(masks.shape)
+  n, h, w = mask_bits.shape
+  c = logits.shape[-1]
+  _check_pixels((n, h, w, c))
   rows, window = band_windows(logits.shape[1], h, band_rows)
   logits = logits.astype(jnp.float32)
 
@@ -177,7 +198,7 @@ def resized_histogram(logits: jax.Array, masks: jax.Array, valid: jax.Array, edg
     probs = resized_probs(logits, (h, w), start, rows, window)
     fresh = start + jnp.arange(rows) >= b * rows  # rows the previous band has not counted
     keep = valid[:, None, None, None] & fresh[None, :, None, None]
-    band_masks = jax.lax.dynamic_slice_in_dim(masks, start, rows, axis=1)
+    band_masks = unpack_masks(jax.lax.dynamic_slice_in_dim(mask_bits, start, rows, axis=1), c)
     return hist + _histogram(probs, band_masks, keep, edges)
 
   zeros = jnp.zeros((n, 2, c, edges.shape[0] + 1), jnp.uint32)
@@ -207,11 +228,14 @@ def count(total: jax.Array, probs: jax.Array, masks: jax.Array, valid: jax.Array
   return _add(total, hist, probs.shape, axis_name), hist
 
 
-def count_resized(total: jax.Array, logits: jax.Array, masks: jax.Array, valid: jax.Array,
+def count_resized(total: jax.Array, logits: jax.Array, mask_bits: jax.Array, valid: jax.Array,
                   edges: jax.Array, axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
-  """`count` of sigmoid(resize_bilinear(logits, masks' size)) through `resized_histogram`."""
-  hist = resized_histogram(logits, masks, valid, edges)
-  return _add(total, hist, masks.shape, axis_name), hist
+  """`count` of sigmoid(resize_bilinear(logits, the masks' size)) through `resized_histogram`.
+
+  mask_bits: (N, H, W) uint8, `pack_masks` of the (N, H, W, C) bool masks.
+  """
+  hist = resized_histogram(logits, mask_bits, valid, edges)
+  return _add(total, hist, mask_bits.shape, axis_name), hist
 
 
 def _add(total, hist, shape, axis_name):

@@ -170,8 +170,11 @@ def test_banded_resized_histogram_equals_resize_then_histogram():
   edges = metrics.float32_thresholds(101)
   probs = jax.nn.sigmoid(layers.resize_bilinear(logits, (24, 31)))
   expected = np.asarray(metrics.histogram(probs, masks, valid, edges)).astype(np.int64)
+  bits = metrics.pack_masks(masks)
+  np.testing.assert_array_equal(bits, np.sum(masks << np.arange(4), axis=-1))  # bit c: class c
+  np.testing.assert_array_equal(metrics.unpack_masks(bits, 4), masks)
   for band_rows in (7, 24, 64):  # a shifted last band (rows 17-23, of which 21-23 new), one, clipped
-    got = np.asarray(metrics.resized_histogram(logits, masks, valid, edges, band_rows))
+    got = np.asarray(metrics.resized_histogram(logits, bits, valid, edges, band_rows))
     assert got.sum() == 24 * 31 * 4
     # float32 rounding of the fused interpolation may move a value across an edge
     assert np.abs(got.astype(np.int64) - expected).sum() <= 4, band_rows
