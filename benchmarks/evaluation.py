@@ -2,18 +2,21 @@
 
   python benchmarks/evaluation.py [--images=27] [--height=2848] [--width=4288] [--test_size=956x1440]
 
-Every approach runs in its own subprocess on the same synthetic images (IDRiD's test split: 27 label maps
-of 2848 x 4288 and logits (4, 956, 1440) at the test scale) and reports its wall time (generation of the
-inputs excluded), its peak resident memory (ru_maxrss) and its scores, printed side by side.
+Every approach runs in its own subprocess, one after the other, on the same synthetic images (IDRiD's
+test split: 27 label maps of 2848 x 4288 and logits (4, 956, 1440) at the test scale) and reports the
+wall and CPU seconds (all threads) of its work (generation of the inputs excluded), its peak resident
+memory (ru_maxrss), the peak above its RSS after imports and compilation, and its scores, side by side.
   official   mmseg's inference and my_metrics.py's sigmoid_metrics: per image torch bilinear resize of the
              logits to the original size (align_corners=False) and sigmoid, the (4, H, W) float32 map
              kept in a list; then for each of 11 thresholds, image and class `prob > t` counted in NumPy.
   m2mrf_jax  `metrics.count_resized` (what `evaluate.score` runs after the model): one jitted
-             step per image on the default device, resize + sigmoid + histogram band by band of rows, so
-             the full-resolution map never exists; 11 official and 1001 fine thresholds in one pass.
+             step per image on the default device from the logits and the masks packed into bits,
+             resize + sigmoid + histogram band by band of rows, so the full-resolution map never exists;
+             11 official and 1001 fine thresholds, pooled and per image, in one pass.
   counting   `metrics.PooledCounts` over the official approach's own probability maps: the same counts as
              NumPy's, so the scores must agree to 1e-12 (m2mrf_jax's maps differ from torch's by float32
              rounding of the interpolation, ~1 ulp, which moves a few pixels across a threshold).
+  breakdown  the parts of m2mrf_jax's step on one image, each jitted alone.
 """
 import argparse
 import json
