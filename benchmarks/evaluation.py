@@ -29,7 +29,6 @@ import time
 import numpy as np
 
 CLASSES = ('EX', 'HE', 'SE', 'MA')
-MASK_BITS = np.array([0, 1, 2, 4, 8] + [0] * 251, np.uint8)  # label k -> bit k - 1 (`metrics.pack_masks`)
 
 
 def make_example(index, height, width, test_size):
@@ -55,6 +54,11 @@ def make_example(index, height, width, test_size):
   for cls in range(1, 5):
     logits[cls - 1][small == cls] += np.float32(4.0)
   return logits, label
+
+
+def mask_bits(label):
+  """`metrics.pack_masks` of the one-hot masks of a label map (H, W) uint8: label k > 0 -> bit k - 1."""
+  return (np.uint8(1) << label) >> np.uint8(1)
 
 
 def official_counts(results, labels):
@@ -141,7 +145,7 @@ def m2mrf_jax(args):
   for i in range(args.images):
     logits, label = make_example(i, args.height, args.width, args.test_size)
     with timer:
-      masks = MASK_BITS[label][None]  # metrics.pack_masks of the one-hot masks, from the label map
+      masks = mask_bits(label)[None]
       counter.total, hist = step(counter.total, logits.transpose(1, 2, 0)[None], masks, valid)
       counter.add_images(hist, valid)  # per-image counts, as evaluate.score keeps them
       jax.block_until_ready(counter.total)
@@ -187,9 +191,9 @@ def breakdown(args):
   edges = jnp.asarray(metrics.float32_thresholds(1001))
   valid = jnp.ones((1,), bool)
   probs = jax.jit(lambda x: jax.nn.sigmoid(layers.resize_bilinear(x, size)))(logits)
-  bits = MASK_BITS[label][None]
+  bits = mask_bits(label)[None]
   parts = {
-      'mask bits from the label map (host)': (lambda: MASK_BITS[label][None], ()),
+      'mask bits from the label map (host)': (lambda: mask_bits(label), ()),
       'pack_masks of (H, W, 4) bool masks (host, evaluate.score\'s path)': (
           lambda: metrics.pack_masks(masks), ()),
       'resize + sigmoid (whole map)': (jax.jit(lambda x: jax.nn.sigmoid(layers.resize_bilinear(x, size))),
