@@ -1,6 +1,7 @@
 """Evaluation cost from logits: the official approach against m2mrf_jax's banded on-device counting.
 
   python benchmarks/evaluation.py [--images=27] [--height=2848] [--width=4288] [--test_size=956x1440]
+                                 [--devices=1,2]
 
 Every approach runs in its own subprocess, one after the other, on the same synthetic images (IDRiD's
 test split: 27 label maps of 2848 x 4288 and logits (4, 956, 1440) at the test scale) and reports the
@@ -10,9 +11,10 @@ memory (ru_maxrss), the peak above its RSS after imports and compilation, and it
              logits to the original size (align_corners=False) and sigmoid, the (4, H, W) float32 map
              kept in a list; then for each of 11 thresholds, image and class `prob > t` counted in NumPy.
   m2mrf_jax  `metrics.count_resized` (what `evaluate.score` runs after the model): one jitted
-             step per image on the default device from the logits and the masks packed into bits,
-             resize + sigmoid + histogram band by band of rows, so the full-resolution map never exists;
-             11 official and 1001 fine thresholds, pooled and per image, in one pass.
+             step per image from the logits and the masks packed into bits, resize + sigmoid + histogram
+             band by band of rows, so the full-resolution map never exists; 11 official and 1001 fine
+             thresholds, pooled and per image, in one pass. `m2mrf_jax xD`: the same with D CPU devices
+             in the process (`--devices`), D images a step split over them, as evaluate.score does.
   counting   `metrics.PooledCounts` over the official approach's own probability maps: the same counts as
              NumPy's, so the scores must agree to 1e-12 (m2mrf_jax's maps differ from torch's by float32
              rounding of the interpolation, ~1 ulp, which moves a few pixels across a threshold).
@@ -129,30 +131,47 @@ def _scores(counter):
 
 
 def m2mrf_jax(args):
-  """metrics.count_resized per image (jitted, on the default device); (timer, scores)."""
+  """metrics.count_resized as evaluate.score runs it, one image per device of this process a step.
+
+  With one device, one jitted step an image; with D (CPU devices: XLA_FLAGS=
+  --xla_force_host_platform_device_count=D), batches of D images split over a 'data' mesh with shard_map,
+  each device counting its image, as `evaluate.make_eval_step` does. (timer, scores).
+  """
   import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from m2mrf_jax import metrics  # pylint: disable=g-import-not-at-top
-  counter = metrics.PooledCounts()
-  step = jax.jit(lambda total, logits, masks, valid: metrics.count_resized(
-      total, logits, masks, valid, counter.edges), donate_argnums=0)
-  valid = np.ones((1,), bool)
+  devices = jax.device_count()
+  mesh = jax.make_mesh((devices,), ('data',))
+  counter = metrics.PooledCounts(mesh=mesh)
+  step = jax.jit(jax.shard_map(
+      lambda total, logits, masks, valid: metrics.count_resized(
+          total, logits, masks, valid, counter.edges, 'data'),
+      mesh=mesh, in_specs=(P(), P('data'), P('data'), P('data')), out_specs=(P(), P('data')),
+      check_vma=False),
+      donate_argnums=0)
   h, w = args.test_size
-  shapes = (counter.total, jax.ShapeDtypeStruct((1, h, w, 4), np.float32),
-            jax.ShapeDtypeStruct((1, args.height, args.width), np.uint8), valid)
+  rows = NamedSharding(mesh, P('data'))
+  shapes = (counter.total, jax.ShapeDtypeStruct((devices, h, w, 4), np.float32, sharding=rows),
+            jax.ShapeDtypeStruct((devices, args.height, args.width), np.uint8, sharding=rows),
+            jax.ShapeDtypeStruct((devices,), bool, sharding=rows))
   step = step.lower(*shapes).compile()  # compile excluded from the time
   timer = Timer()
   base_mib = _rss_mib()
-  for i in range(args.images):
-    logits, label = make_example(i, args.height, args.width, args.test_size)
+  for first in range(0, args.images, devices):
+    batch = [make_example(min(i, args.images - 1), args.height, args.width, args.test_size)
+             for i in range(first, first + devices)]  # the last batch padded with its last image
+    valid = np.arange(first, first + devices) < args.images
     with timer:
-      masks = mask_bits(label)[None]
-      counter.total, hist = step(counter.total, logits.transpose(1, 2, 0)[None], masks, valid)
+      logits = np.stack([l.transpose(1, 2, 0) for l, _ in batch])
+      masks = np.stack([mask_bits(label) for _, label in batch])
+      inputs = jax.device_put((logits, masks, valid), rows)
+      counter.total, hist = step(counter.total, *inputs)
       counter.add_images(hist, valid)  # per-image counts, as evaluate.score keeps them
       jax.block_until_ready(counter.total)
-    del logits, label, masks
+    del batch, logits, masks, inputs
   with timer:
     scores = _scores(counter)  # pooled and per-image scores
-  return timer, dict(scores, device=str(jax.devices()[0]), base_mib=base_mib)
+  return timer, dict(scores, device=f'{devices} x {jax.devices()[0].platform}', base_mib=base_mib)
 
 
 def counting(args):
@@ -234,6 +253,8 @@ def main():
   parser.add_argument('--height', type=int, default=2848)
   parser.add_argument('--width', type=int, default=4288)
   parser.add_argument('--test_size', default='956x1440', help='HxW of the logits')
+  parser.add_argument('--devices', default='1,2',
+                      help='m2mrf_jax rows: CPU devices of the process (images counted at once)')
   parser.add_argument('--approach', choices=tuple(APPROACHES), help=argparse.SUPPRESS)
   parser.add_argument('--save_probs', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -247,21 +268,26 @@ def main():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   import tempfile  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
-    for approach in APPROACHES:
+    runs = [('official', 'official', 1)]
+    runs += [('m2mrf_jax' + (f' x{d}' if d > 1 else ''), 'm2mrf_jax', d)
+             for d in map(int, args.devices.split(','))]
+    runs += [('counting', 'counting', 1), ('breakdown', 'breakdown', 1)]
+    for name, approach, devices in runs:
       cmd = [sys.executable, __file__, f'--approach={approach}', f'--images={args.images}',
              f'--height={args.height}', f'--width={args.width}',
              f'--test_size={args.test_size[0]}x{args.test_size[1]}', f'--save_probs={tmp}']
-      out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root,
-                           env={**os.environ, 'PYTHONPATH': root})
-      rows[approach] = json.loads(out.stdout.strip().splitlines()[-1])
+      env = {**os.environ, 'PYTHONPATH': root,
+             'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+      out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=root, env=env)
+      rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
   parts = rows.pop('breakdown')['parts']
   base = rows['official']
-  print(f'{"approach":<11}{"time (s)":>9}{"x faster":>9}{"CPU (s)":>9}{"x less":>8}'
+  print(f'{"approach":<13}{"time (s)":>9}{"x faster":>9}{"CPU (s)":>9}{"x less":>8}'
         f'{"peak RSS (MiB)":>15}{"of official":>12}{"above base":>11}'
         f'{"mAUPR %":>9}{"mIoU %":>9}{"mF1 %":>9}{"max |diff|":>11}')
   for approach, row in rows.items():
     diff = max(np.abs(np.subtract(row[k], base[k])).max() for k in ('aupr', 'iou', 'f1'))
-    print(f'{approach:<11}{row["seconds"]:>9.1f}{base["seconds"] / row["seconds"]:>9.1f}'
+    print(f'{approach:<13}{row["seconds"]:>9.1f}{base["seconds"] / row["seconds"]:>9.1f}'
           f'{row["cpu_seconds"]:>9.1f}{base["cpu_seconds"] / row["cpu_seconds"]:>8.1f}'
           f'{row["peak_mib"]:>15.0f}{row["peak_mib"] / base["peak_mib"]:>12.3f}'
           f'{row["peak_mib"] - row["base_mib"]:>11.0f}'
