@@ -11,6 +11,7 @@ new image size compiles the step once (DDR's cameras give a few sizes). Process 
 `config.num_pictures` examples side by side (`picture`), one at a time as they come.
 """
 import itertools
+import sys
 
 from absl import logging
 import cv2
@@ -18,6 +19,7 @@ from flax import nnx
 import grain
 import jax
 import numpy as np
+import tqdm
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,20 +35,25 @@ from m2mrf_jax import visualize
 
 
 def make_eval_step(graphdef, edges, mesh: Mesh, tta: str = 'none'):
-  """The jitted counting step: (total, state, images, masks, valid) -> (total, logits at the input size).
+  """The jitted counting step: (total, state, images, masks, valid) -> (total, hist, logits).
+
+  hist is the batch's per-image histograms (N, 2, C, T + 1) (`metrics.histogram`), logits are at the
+  input size.
 
   Args:
     graphdef: the model's graph definition (eval mode).
     edges: (T,) float32 thresholds of the counts.
-    mesh: a 1-D 'data' mesh; images (N, h', w', 3), masks (N, H, W, C) and valid (N,) are split over it.
+    mesh: a 1-D 'data' mesh; images (N, h', w', 3), masks (N, H, W) uint8 (`metrics.pack_masks`) and
+      valid (N,) are split over it.
     tta: test-time augmentation, 'none' or 'flip' (`inference.logits`).
   """
   def step(total, state, images, masks, valid):
     logits = inference.logits(nnx.merge(graphdef, state), images, tta)
-    return metrics.count_resized(total, logits, masks, valid, edges, 'data'), logits
+    total, hist = metrics.count_resized(total, logits, masks, valid, edges, 'data')
+    return total, hist, logits
 
   sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'), P('data')),
-                          out_specs=(P(), P('data')), check_vma=False)
+                          out_specs=(P(), P('data'), P('data')), check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -62,10 +69,10 @@ def same_size_batches(examples, batch_size: int):
 
 
 def _stack(batch, size):
-  """(images, masks, valid) of `size` rows; missing rows repeat the last example and are not valid."""
+  """(images, mask bits, valid) of `size` rows; missing rows repeat the last example and are not valid."""
   rows = batch + [batch[-1]] * (size - len(batch))
   images = np.stack([np.asarray(e['image'], np.float32) for e in rows])
-  masks = np.stack([np.asarray(e['masks'], bool) for e in rows])
+  masks = np.stack([metrics.pack_masks(e['masks']) for e in rows])
   valid = np.arange(size) < len(batch)
   return images, masks, valid
 
@@ -81,8 +88,9 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
 
   Returns:
     The metrics dict of `metrics.scores` (`aupr`, `iou`, `f1`, `mAUPR`, `mIoU`, `mF1`, ...), with
-    `num_images` (over all processes) and `pictures`: image id -> `picture` of the first
-    `config.num_pictures` examples (process 0's; empty on the other processes).
+    `num_images` and `per_image` (`metrics.PooledCounts.image_result`: ids and (N, C) scores), over
+    all processes, and `pictures`: image id -> `picture` of the first `config.num_pictures` examples
+    (process 0's; empty on the other processes).
   """
   mesh = mesh_lib.local_mesh()
   eval_model = nnx.clone(model)
@@ -97,15 +105,21 @@ def score(model: nnx.Module, examples: grain.MapDataset, config) -> dict:
   reader = examples.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size))
   num_images, pictures = 0, {}
   wanted = config.num_pictures if jax.process_index() == 0 else 0
+  progress = tqdm.tqdm(total=len(examples), desc='evaluation', unit='image', file=sys.stderr,
+                       disable=jax.process_index() != 0)
   for batch in same_size_batches(reader, batch_size):
     arrays = jax.device_put(_stack(batch, batch_size), rows)
-    counts.total, logits = step(counts.total, state, *arrays)
+    counts.total, hist, logits = step(counts.total, state, *arrays)
+    counts.add_images(hist, arrays[2], [e['id'] for e in batch])
     if (take := min(wanted - len(pictures), len(batch))) > 0:
       for example, row in zip(batch, np.asarray(logits[:take])):
         pictures[example['id']] = picture(example, row, config.data)
     num_images += len(batch)
+    progress.update(len(batch))
     logging.log_every_n_seconds(logging.INFO, 'evaluation: %d images', 30, num_images)
+  progress.close()
   result = counts.result()
+  result['per_image'] = counts.image_result()
   result['num_images'] = int(np.sum(_all_processes(num_images)))
   if not result['num_images']:
     raise ValueError('evaluation got no images')

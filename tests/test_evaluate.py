@@ -1,4 +1,5 @@
 """evaluate.score (resize to the original size, sigmoid, pooled counts) and report, against NumPy/PyTorch."""
+import csv
 import io
 import json
 
@@ -91,6 +92,16 @@ def test_score_equals_reference_on_8_devices():
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
   assert got['mAUPR'] == pytest.approx(want['aupr'].mean(), rel=1e-6)
   assert got['num_images'] == 4
+  per_image = got['per_image']
+  assert per_image['ids'] == ['img0', 'img1', 'img2', 'img3']
+  for i, (prob, label) in enumerate(zip(probs, labels)):
+    want = official_metrics([prob], [label])
+    present = np.array([np.any(label == k) for k in range(1, 5)])
+    np.testing.assert_allclose(per_image['aupr'][i][present], want['aupr'][present], rtol=1e-6)
+    np.testing.assert_allclose(np.nan_to_num(per_image['iou'][i]), want['iou'], rtol=1e-6)
+    np.testing.assert_array_equal(per_image['true'][i], [np.sum(label == k) for k in range(1, 5)])
+  np.testing.assert_array_equal(per_image['true'].sum(axis=0),
+                             [sum(np.sum(l == k) for l in labels) for k in range(1, 5)])
   # The same maps through metrics.score_maps: identical pooled counts.
   masks = [e['masks'] for e in examples]
   np.testing.assert_allclose(metrics.score_maps(probs, masks)['aupr_fine'], got['aupr_fine'], rtol=1e-4)
@@ -167,6 +178,7 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
   rng = np.random.default_rng(4)
   probs = [rng.random((30, 20, 4), dtype=np.float32) ** 2 for _ in range(2)]
   masks = [rng.random((30, 20, 4)) < 0.1 for _ in range(2)]
+  masks[1][..., 2] = False  # no SE in the second image: its SE AUPR is undefined
   scores = metrics.score_maps(probs, masks)
   pictures = {'IDRiD_55': rng.integers(0, 256, (6, 9, 3), dtype=np.uint8),
               'cam 2/x': rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)}
@@ -177,6 +189,7 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
     with Image.open(tmp_path / 'pictures' / f'{name}.png') as png:
       np.testing.assert_array_equal(np.asarray(png), pictures[image_id])
   saved = json.loads((tmp_path / 'metrics.json').read_text())
+  assert saved == json.loads(json.dumps(report.to_json(scores))) and 'per_image' not in saved
   for key in ('mAUPR', 'mIoU', 'mF1'):
     assert saved[key] == pytest.approx(scores[key])
   assert [saved['aupr'][c] for c in CLASSES] == pytest.approx(list(scores['aupr']))
@@ -187,6 +200,22 @@ def test_report_writes_table_json_and_curves(tmp_path, capsys):
   np.testing.assert_allclose(printed['AUPR'], 100 * np.append(scores['aupr'], scores['mAUPR']), atol=0.006)
   np.testing.assert_allclose(printed['F'], 100 * np.append(scores['f1'], scores['mF1']), atol=0.006)
   np.testing.assert_allclose(printed['IoU'], 100 * np.append(scores['iou'], scores['mIoU']), atol=0.006)
+  with open(tmp_path / 'per_image.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['id'] for r in rows] == ['0', '1']
+  assert list(rows[0])[1:8] == ['EX_aupr_11', 'EX_aupr_1001', 'EX_iou', 'EX_f1', 'EX_dice',
+                                'EX_predicted_pixels', 'EX_true_pixels'] and len(rows[0]) == 1 + 4 * 7
+  per_image = scores['per_image']
+  for i, row in enumerate(rows):
+    for c, name in enumerate(CLASSES):
+      for column, key in (('aupr_11', 'aupr'), ('aupr_1001', 'aupr_fine'), ('iou', 'iou'),
+                          ('f1', 'f1'), ('dice', 'f1')):
+        want = per_image[key][i, c]
+        assert row[f'{name}_{column}'] == ('' if np.isnan(want) else repr(float(want)))
+      assert int(row[f'{name}_predicted_pixels']) == np.sum(probs[i][..., c] > np.float32(0.5))
+      assert int(row[f'{name}_true_pixels']) == np.sum(masks[i][..., c])
+  assert rows[1]['SE_aupr_11'] == rows[1]['SE_aupr_1001'] == '' and rows[1]['SE_iou'] == '0.0'
+  assert rows[0]['SE_aupr_11'] != ''
   with Image.open(tmp_path / 'pr_curves.png') as png:
     assert png.size[0] > 3 * png.size[1]  # four panels side by side
     curves = np.asarray(png.convert('RGB'))
@@ -224,3 +253,13 @@ def test_score_on_synthetic_idrid_against_the_tiff_masks(tmp_path):
   assert got['num_images'] == 3
   for key in ('aupr', 'iou', 'f1'):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+  # per_image.csv: one row per test image, named by its id, in the split's order.
+  report.write(got, tmp_path / 'report')
+  with open(tmp_path / 'report' / 'per_image.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [r['id'] for r in rows] == [e['id'] for e in examples] and len(set(r['id'] for r in rows)) == 3
+  for row, prob, label in zip(rows, probs, labels):
+    for k, name in enumerate(CLASSES, start=1):
+      assert int(row[f'{name}_true_pixels']) == np.sum(label == k)
+      predicted = np.sum(prob[..., k - 1] > np.float32(0.5))
+      assert abs(int(row[f'{name}_predicted_pixels']) - predicted) <= 2  # float32 rounding

@@ -99,6 +99,47 @@ def test_evaluate_matches_official_protocol():
   assert got['mAUPR_fine'] == pytest.approx(fine['aupr'].mean(), rel=1e-12)
 
 
+def test_per_image_scores_match_the_official_formulas_on_each_image():
+  probs, labels = random_case(11, [(17, 23), (20, 11), (9, 31), (12, 12)])
+  probs[3][..., 2] = 0.25  # SE: no pixel anywhere, and none predicted in the last image
+  labels[1][labels[1] == 2] = 0  # no HE in the second image (HE still predicted there)
+  got = metrics.score_maps(probs, [one_hot(l) for l in labels])['per_image']
+  assert got['ids'] == ['0', '1', '2', '3']
+  for i, (prob, label) in enumerate(zip(probs, labels)):
+    want, fine = official_metrics([prob], [label]), official_metrics([prob], [label], 1001)
+    pred = prob > np.float32(0.5)
+    truth = one_hot(label)
+    tp, fp, fn = (np.sum(a, axis=(0, 1)) for a in (pred & truth, pred & ~truth, ~pred & truth))
+    present = truth.any(axis=(0, 1))
+    np.testing.assert_allclose(got['aupr'][i][present], want['aupr'][present], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(got['aupr_fine'][i][present], fine['aupr'][present], rtol=1e-12, atol=0)
+    assert np.isnan(got['aupr'][i][~present]).all() and np.isnan(got['aupr_fine'][i][~present]).all()
+    with np.errstate(invalid='ignore'):
+      np.testing.assert_allclose(got['iou'][i], tp / (tp + fp + fn), rtol=1e-12, atol=0)
+      np.testing.assert_allclose(got['f1'][i], 2 * tp / (2 * tp + fp + fn), rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(got['predicted'][i], pred.sum(axis=(0, 1)))
+    np.testing.assert_array_equal(got['true'][i], truth.sum(axis=(0, 1)))
+  assert not np.isnan(got['iou'][:3, 2]).any() and (got['iou'][:3, 2] == 0).all()  # SE predicted: 0
+  assert np.isnan(got['iou'][3, 2]) and np.isnan(got['f1'][3, 2])  # nothing true, nothing predicted
+  assert np.isnan(got['aupr'][1, 1]) and got['predicted'][1, 1] > 0 and got['iou'][1, 1] == 0
+
+
+def test_pooled_counts_are_the_sum_of_the_per_image_counts():
+  probs, labels = random_case(12, [(10, 14)] * 3)
+  counter = metrics.PooledCounts()
+  counter.update(np.stack(probs[:2]), np.stack([one_hot(l) for l in labels[:2]]), ids=['a', 'b'])
+  counter.update(probs[2][None], one_hot(labels[2])[None], ids=['c'])
+  ids, hist = counter.per_image()
+  assert ids == ['a', 'b', 'c'] and hist.shape == (3, 2, 4, 1002) and hist.dtype == np.int64
+  np.testing.assert_array_equal(hist.sum(axis=0), counter.counts())
+  for i in range(3):  # each image's row is its own histogram
+    alone = metrics.PooledCounts()
+    alone.update(probs[i][None], one_hot(labels[i])[None])
+    np.testing.assert_array_equal(hist[i], alone.counts())
+  with pytest.raises(ValueError, match='1 ids for 2 valid rows'):
+    counter.update(np.stack(probs[:2]), np.stack([one_hot(l) for l in labels[:2]]), ids=['d'])
+
+
 def test_multilabel_masks_count_every_class():
   rng = np.random.default_rng(3)
   probs = [rng.random((12, 14, 4), dtype=np.float32) for _ in range(2)]
@@ -116,6 +157,7 @@ def test_streaming_over_images_equals_all_pixels_at_once():
   masks = [one_hot(l) for l in labels]
   streamed = metrics.score_maps(probs, masks)
   at_once = metrics.score_maps([np.concatenate(probs, axis=1)], [np.concatenate(masks, axis=1)])
+  del at_once['per_image'], streamed['per_image']  # four images against one
   for key, value in at_once.items():
     np.testing.assert_array_equal(streamed[key], value, err_msg=key)
 
@@ -128,11 +170,28 @@ def test_banded_resized_histogram_equals_resize_then_histogram():
   edges = metrics.float32_thresholds(101)
   probs = jax.nn.sigmoid(layers.resize_bilinear(logits, (24, 31)))
   expected = np.asarray(metrics.histogram(probs, masks, valid, edges)).astype(np.int64)
+  bits = metrics.pack_masks(masks)
+  np.testing.assert_array_equal(bits, np.sum(masks << np.arange(4), axis=-1))  # bit c: class c
+  np.testing.assert_array_equal(metrics.unpack_masks(bits, 4), masks)
   for band_rows in (7, 24, 64):  # a shifted last band (rows 17-23, of which 21-23 new), one, clipped
-    got = np.asarray(metrics.resized_histogram(logits, masks, valid, edges, band_rows))
+    got = np.asarray(metrics.resized_histogram(logits, bits, valid, edges, band_rows))
     assert got.sum() == 24 * 31 * 4
     # float32 rounding of the fused interpolation may move a value across an edge
     assert np.abs(got.astype(np.int64) - expected).sum() <= 4, band_rows
+
+
+@pytest.mark.parametrize('in_rows,out_rows,band_rows', [(9, 24, 7), (9, 24, 32), (31, 13, 4), (13, 13, 5)])
+def test_windowed_band_equals_resize_bilinear_rows(in_rows, out_rows, band_rows):
+  """Widening only a band's input rows gives layers.resize_bilinear_rows' values bit for bit."""
+  logits = np.random.default_rng(4).normal(size=(2, in_rows, 6, 4)).astype(np.float32) * 4
+  rows, window = metrics.band_windows(in_rows, out_rows, band_rows)
+  assert window <= in_rows
+  band = jax.jit(metrics.resized_probs, static_argnums=(1, 3, 4))
+  reference = jax.jit(  # jitted as well: eager ops round the sigmoid differently (1 ulp)
+      lambda x, start: jax.nn.sigmoid(layers.resize_bilinear_rows(x, (out_rows, 17), start, rows)))
+  for start in sorted({min(b * rows, out_rows - rows) for b in range(-(-out_rows // rows))}):
+    np.testing.assert_array_equal(band(logits, (out_rows, 17), start, rows, window),
+                                  reference(logits, start))
 
 
 def test_sharded_update_on_8_devices_equals_single_device():
@@ -152,6 +211,9 @@ def test_sharded_update_on_8_devices_equals_single_device():
   reference.update(probs[:1], masks[:1])
   np.testing.assert_array_equal(single.counts(), reference.counts())
   assert single.counts().sum() == (4 + 1) * 12 * 15 * 4
+  for got in (single.per_image(), sharded.per_image()):  # the 4 valid rows, then the first again
+    assert got[0] == ['0', '1', '2', '3', '4']
+    np.testing.assert_array_equal(got[1], reference.per_image()[1])
 
 
 def test_two_word_counts_are_exact_past_32_bits():

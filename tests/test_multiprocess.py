@@ -4,6 +4,7 @@
 The jobs are `python -m tests.multiprocess_job` (main.py with a tiny conv + BN network) on synthetic
 IDRiD with the full augmentation; `slow`: four launches, about a minute on 2 idle cores.
 """
+import csv
 import json
 import os
 import shutil
@@ -131,6 +132,11 @@ def _metrics(workdir):
   return json.load(open(os.path.join(workdir, 'metrics.json')))
 
 
+def _per_image(workdir):
+  with open(os.path.join(workdir, 'per_image.csv'), newline='') as f:
+    return list(csv.DictReader(f))
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one(runs, monkeypatch):
   one, two = _losses(runs['one']), _losses(runs['two'])
@@ -151,13 +157,21 @@ def test_two_processes_equal_one(runs, monkeypatch):
   assert ma['num_images'] == mb['num_images'] == 3
   for key in ('mAUPR', 'mIoU', 'mF1', 'mAUPR_fine'):
     assert abs(ma[key] - mb[key]) < 1e-5, key
+  # per_image.csv: the processes' images (2 and 1) gathered back into the split's order.
+  one, two = _per_image(runs['one']), _per_image(runs['two'])
+  assert [r['id'] for r in one] == [r['id'] for r in two] and len({r['id'] for r in one}) == 3
+  for a, b in zip(one, two):
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a if k.endswith('_true_pixels'))
+    for k in a:
+      if k.endswith(('_iou', '_aupr_11')) and a[k]:
+        assert abs(float(a[k]) - float(b[k])) < 1e-5, k
 
 
 @pytest.mark.slow
 def test_only_process_0_writes_logs_and_metrics(runs):
   files = os.listdir(runs['two'])
   assert len([f for f in files if f.startswith('events.out')]) == 1
-  assert 'metrics.json' in files and 'pr_curves.png' in files
+  assert 'metrics.json' in files and 'pr_curves.png' in files and 'per_image.csv' in files
   steps = [r['step'] for r in _records(runs['two'])]
   assert steps == list(range(1, STEPS + 1)) + [STEPS]  # one line per step, then the evaluation
 
