@@ -2,7 +2,9 @@
 
 Data parallel with `jax.jit` over a 1-D device mesh ('data'): parameters, BN statistics and
 optimizer state replicated, the global batch sharded over every device of every process. BatchNorm
-inside the jitted step reduces over the global batch (SyncBN, as the official 4-GPU runs).
+inside the jitted step reduces over the global batch (SyncBN, as the official 4-GPU runs). Each process
+puts its rows of the next two steps' batches on the devices while a step runs (`mesh.prefetch`), as uint8
+pixels that the step normalises: the host never reads the device between log steps, nor makes it wait.
 """
 import functools
 import json
