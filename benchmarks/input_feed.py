@@ -1,4 +1,4 @@
-"""The training loop's input feed: bytes sent per step and steps/s, former feed against the new one.
+"""The training loop's input feed, former against new: bytes sent and host CPU per step, steps/s.
 
   python benchmarks/input_feed.py [--crop=960x1440] [--batch=4] [--steps=20] [--width=4]
 
@@ -8,7 +8,8 @@ the feed is a visible share of the step; HRNet's step would hide it on a CPU):
                  float32, and puts each batch when the step asks for it;
   uint8          uint8 pixels and their sizes sent, normalised in the step (`transforms.normalize_padded`);
   uint8+prefetch the new loop: as uint8, with two batches put ahead (`mesh.prefetch`).
-Losses are summed on device and read once at the end, as the loop does between log steps. On a CPU the
+"host CPU ms" is the process CPU time to prepare and put one batch (no step running). Losses are summed on
+device and read once at the end of a pass, as the loop does between log steps. On a CPU the
 "device" is the host's own cores, so the transfer is a memcpy and prefetching overlaps little; the
 bytes column is what an accelerator's host link carries.
 """
@@ -72,7 +73,8 @@ def former_step(graphdef, mesh):
 
 
 def run(config, mesh, batches, feed):
-  """Seconds per step (median of 3 passes over `batches`) and host->device bytes per step."""
+  """(seconds per step of 3 passes over `batches`, host->device bytes per step, host CPU seconds per
+  batch to prepare and put it)."""
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
   if feed == 'float32':
@@ -88,6 +90,10 @@ def run(config, mesh, batches, feed):
     else:
       stream = lambda: mesh_lib.prefetch(batches, lambda b: mesh_lib.global_batch(mesh, b))
   sent = sum(v.nbytes for v in prepare(batches[0]).values())
+  start = time.process_time()  # the host's share: prepare and put each batch, no step
+  for batch in batches:
+    jax.block_until_ready(mesh_lib.global_batch(mesh, prepare(batch)))
+  host = (time.process_time() - start) / len(batches)
   state, loss = step(state, mesh_lib.global_batch(mesh, prepare(batches[0])))  # compile
   loss.block_until_ready()
   times = []
@@ -99,7 +105,7 @@ def run(config, mesh, batches, feed):
       total = total + loss
     float(total)
     times.append((time.perf_counter() - start) / len(batches))
-  return statistics.median(times), sent
+  return times, sent, host
 
 
 def main():
@@ -117,13 +123,15 @@ def main():
   batches = make_batches(args.steps, args.batch, crop)
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; tiny segmenter '
         f'width {args.width}, crop {crop[0]}x{crop[1]}, global batch {args.batch}, {args.steps} steps, '
-        f'median of 3 passes; load average {os.getloadavg()[0]:.1f}')
-  print(f'{"feed":16}{"MB sent/step":>14}{"ms/step":>10}{"steps/s":>10}{"vs float32":>12}', flush=True)
+        f'3 passes; load average {os.getloadavg()[0]:.1f}')
+  print(f'{"feed":16}{"MB sent/step":>14}{"host CPU ms":>13}{"ms/step median":>16}{"min":>8}'
+        f'{"steps/s":>9}{"vs float32":>12}', flush=True)
   reference = None
   for feed in ('float32', 'uint8', 'uint8+prefetch'):
-    seconds, sent = run(config, mesh, batches, feed)
+    times, sent, host = run(config, mesh, batches, feed)
+    seconds = statistics.median(times)
     reference = reference or seconds
-    print(f'{feed:16}{sent / 1e6:14.2f}{seconds * 1e3:10.1f}{1 / seconds:10.2f}'
+    print(f'{feed:16}{sent / 1e6:14.2f}{host * 1e3:13.1f}{seconds * 1e3:16.1f}{min(times) * 1e3:8.1f}{1 / seconds:9.2f}'
           f'{reference / seconds:11.2f}x', flush=True)
 
 
