@@ -212,9 +212,8 @@ def test_eval_shares_are_disjoint_and_cover_the_split(data_dir):
   assert sorted(shares[0] + shares[1]) == [e['id'] for e in sources.load('idrid', 'test', data_dir)]
 
 
-def _identify(batch_images, config, data_dir):
+def _identify(batch_images, data_dir):
   """Which train example each image of a batch is (no augmentation: the image is the example)."""
-  del config
   examples = {e['id']: e['image'].astype(np.int64) for e in sources.load('idrid', 'train', data_dir)}
   ids = []
   for image in batch_images:
@@ -231,7 +230,7 @@ def _plain_config():
 def test_epochs_are_permutations_and_reshuffle(data_dir):
   config = _plain_config()
   iterator = pipeline.train_iterator(config, data_dir, batch_size=NUM_TRAIN, seed=0)
-  epochs = [_identify(next(iterator)['image'], config, data_dir) for _ in range(3)]
+  epochs = [_identify(next(iterator)['image'], data_dir) for _ in range(3)]
   assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == NUM_TRAIN for e in epochs)
   assert len({tuple(e) for e in epochs}) > 1  # reshuffled across epochs
 
