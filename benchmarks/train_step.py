@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_pipelines import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -34,8 +35,10 @@ def _on_off(value):
 
 
 def make_batch(batch_size, crop):
+  """A training batch as the pipeline's: uint8 pixels (the step normalises them), labels."""
   rng = np.random.default_rng(0)
-  return {'image': rng.normal(size=(batch_size, crop, crop, 3)).astype(np.float32),
+  return {'image': rng.integers(0, 256, (batch_size, crop, crop, 3), dtype=np.uint8),
+          'image_size': np.full((batch_size, 2), crop, np.int32),
           'label': (rng.random((batch_size, crop, crop, 4)) < 0.01).astype(np.uint8)}
 
 
@@ -48,7 +51,7 @@ def jax_step(variant, width, batch, bf16, remat):
   mesh = mesh_lib.make_mesh()
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
-  step = train.make_train_step(graphdef, losses.dice_loss, mesh)
+  step = train.make_train_step(graphdef, losses.dice_loss, mesh, config.data.mean, config.data.std)
   batch = mesh_lib.global_batch(mesh, batch)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -78,7 +81,9 @@ def torch_step(variant, width, batch, threads):
   torch.manual_seed(0)
   model = torch_reference.build_torch_model(variant, width).train()
   optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-  images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy())
+  data = common.data_config('idrid')
+  images = torch.from_numpy(np.stack([transforms.normalize(image, data.mean, data.std)
+                                      for image in batch['image']]).transpose(0, 3, 1, 2).copy())
   labels = torch.from_numpy(batch['label'].transpose(0, 3, 1, 2).astype(np.float32))
 
   def run():

@@ -3,7 +3,9 @@
 Training (mmseg 0.8 train pipeline, in order): the offline x6 dihedral augmentation (done on the fly),
 Resize(img_scale, ratio_range, keep_ratio), RandomCrop(crop_size) without cat_max_ratio (with fundus
 background it never accepts a crop, so after 10 tries the last random crop is used), PhotoMetricDistortion,
-Normalize, Pad(crop_size, 0, seg 0). Images are decoded and resized exactly as mmcv 1.2 (cv2.imdecode,
+Normalize, Pad(crop_size, 0, seg 0). The host stops before Normalize: batches carry the uint8 pixels (mmseg's
+PhotoMetricDistortion rounds back to uint8, so nothing is lost) zero-padded, and each crop's unpadded size;
+the jitted step normalises and zeroes the padding (`transforms.normalize_padded`), a quarter of the bytes. Images are decoded and resized exactly as mmcv 1.2 (cv2.imdecode,
 cv2.resize INTER_LINEAR of the whole mapped image, then the crop); only the crop window of the labels is
 resized (nearest), which equals resizing them whole. The opt-in `reduced_decode` decodes JPEGs at 1/2,
 1/4 or 1/8 scale (DCT scaling) when the rescaled image is that small and resizes only the crop window
@@ -52,8 +54,8 @@ def _image_window(data, size, k, target, window, reduced_decode):
       image, (wh, ww), (wx * sx, wy * sy, (wx + ww) * sx, (wy + wh) * sy)), k)
 
 
-def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, dihedral=True,
-                  photometric=True, label_mode='exclusive', reduced_decode=False):
+def train_example(record, rng, *, img_scale, ratio_range, crop_size, dihedral=True, photometric=True,
+                  label_mode='exclusive', reduced_decode=False):
   """One training example from a raw record.
 
   Args:
@@ -62,15 +64,14 @@ def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, 
     img_scale: the keep-ratio box (long, short).
     ratio_range: (low, high) of the random ratio of `img_scale`.
     crop_size: (h, w) of the crop and of the output.
-    mean: RGB mean.
-    std: RGB std.
     dihedral: whether to apply a random one of the six dihedral maps first.
     photometric: whether to apply the photometric distortion.
     label_mode: 'exclusive' or 'multilabel' (`transforms.labels_from_bits`).
     reduced_decode: the opt-in reduced-size JPEG decode and antialiased resize (`data.reduced_decode`).
 
   Returns:
-    {'image': float32 (h, w, 3) normalised, 0 in the padding; 'label': uint8 (h, w, 4), 0 in the padding}.
+    {'image': uint8 (h, w, 3) RGB before normalisation, 0 in the padding; 'image_size': int32 (2,), the
+    (h', w') of the crop before the pad; 'label': uint8 (h, w, 4), 0 in the padding}.
   """
   size = (int(record['height']), int(record['width']))
   k = int(rng.integers(len(transforms.DIHEDRAL_NAMES))) if dihedral else 0
@@ -86,7 +87,8 @@ def train_example(record, rng, *, img_scale, ratio_range, crop_size, mean, std, 
 
   if photometric:
     pixels = transforms.photometric_distortion(pixels, rng)
-  return {'image': transforms.pad_to(transforms.normalize(pixels, mean, std), crop_size),
+  return {'image': transforms.pad_to(pixels, crop_size),
+          'image_size': np.array(pixels.shape[:2], np.int32),
           'label': transforms.pad_to(label, crop_size)}
 
 
@@ -121,8 +123,6 @@ class TrainTransform(grain.transforms.RandomMap):
   img_scale: tuple[int, int]
   ratio_range: tuple[float, float]
   crop_size: tuple[int, int]
-  mean: tuple[float, float, float]
-  std: tuple[float, float, float]
   dihedral: bool
   photometric: bool
   label_mode: str
@@ -137,8 +137,7 @@ def train_transform(data_config):
   transforms.check_label_mode(data_config.label_mode)  # here, not first in a worker
   return TrainTransform(
       img_scale=tuple(data_config.img_scale), ratio_range=tuple(data_config.ratio_range),
-      crop_size=tuple(data_config.crop_size), mean=tuple(data_config.mean),
-      std=tuple(data_config.std), dihedral=bool(data_config.dihedral),
+      crop_size=tuple(data_config.crop_size), dihedral=bool(data_config.dihedral),
       photometric=bool(data_config.photometric), label_mode=data_config.label_mode,
       reduced_decode=bool(data_config.reduced_decode))
 
@@ -219,8 +218,8 @@ def train_iterator(data_config, data_dir, *, batch_size, seed, start_step=0, row
       `m2mrf_jax.distributed.process_rows`); None: block p of B / P rows for process p of P.
 
   Returns:
-    an iterator of {'image': float32 (len(rows), crop_h, crop_w, 3),
-    'label': uint8 (len(rows), crop_h, crop_w, 4)}.
+    an iterator of {'image': uint8 (len(rows), crop_h, crop_w, 3), 'image_size': int32 (len(rows), 2),
+    'label': uint8 (len(rows), crop_h, crop_w, 4)} (`train_example`).
   """
   return iter(train_dataset(data_config, data_dir, batch_size=batch_size, seed=seed,
                             start_step=start_step, rows=rows))

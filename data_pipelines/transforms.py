@@ -5,8 +5,10 @@ blends the 2x2 nearest pixels and does not low-pass when shrinking), masks with 
 (`resize_nearest`, source index floor(i * src / dst), equal to cv2's, computed only for a window).
 `resize_antialiased` (Pillow BILINEAR, a triangle filter widened when shrinking) is the opt-in fast path
 (`data.reduced_decode`), not the official one. Colour conversions are cv2.cvtColor, as mmcv's.
+`normalize_padded` is the one jnp transform: Normalize and Pad of a training batch, inside the jitted step.
 """
 import cv2
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -197,6 +199,33 @@ def normalize(image, mean, std):
   cv2.subtract(out, np.float64(np.asarray(mean, np.float32).reshape(1, -1)), out)
   cv2.multiply(out, 1 / np.float64(np.asarray(std, np.float32).reshape(1, -1)), out)
   return out
+
+
+def normalize_table(mean, std):
+  """`normalize` of every uint8 value in each channel: float32 (3, 256), for `normalize_padded`."""
+  values = np.arange(256, dtype=np.uint8)[:, None, None] * np.ones(3, np.uint8)  # (256, 1, 3)
+  return np.ascontiguousarray(normalize(values, mean, std)[:, 0].T)
+
+
+def normalize_padded(pixels, image_size, table):
+  """On device (jnp, in the jitted step): `pad_to(normalize(crop), ...)` of each crop of a padded batch.
+
+  A lookup in `table` = `normalize_table(mean, std)`, so bit for bit the host's mmcv normalisation on
+  every backend (XLA turns a division by a broadcast std into a multiply by 1 / std: up to 1 ulp off
+  from cv2), with 0 in the padding as mmseg's Pad.
+
+  Args:
+    pixels: uint8 (B, H, W, 3), crop b in [0, h_b) x [0, w_b).
+    image_size: int (B, 2), (h_b, w_b) of each crop.
+    table: float32 (3, 256).
+
+  Returns:
+    float32 (B, H, W, 3).
+  """
+  image = jnp.asarray(table)[jnp.arange(3), pixels.astype(jnp.int32)]
+  rows = jnp.arange(pixels.shape[1])[None, :, None] < image_size[:, 0, None, None]
+  cols = jnp.arange(pixels.shape[2])[None, None, :] < image_size[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], image, 0.0)
 
 
 def pad_to(array, size, value=0):

@@ -2,7 +2,9 @@
 
 Data parallel with `jax.jit` over a 1-D device mesh ('data'): parameters, BN statistics and
 optimizer state replicated, the global batch sharded over every device of every process. BatchNorm
-inside the jitted step reduces over the global batch (SyncBN, as the official 4-GPU runs).
+inside the jitted step reduces over the global batch (SyncBN, as the official 4-GPU runs). Each process
+puts its rows of the next two steps' batches on the devices while a step runs (`mesh.prefetch`), as uint8
+pixels that the step normalises: the host never reads the device between log steps, nor makes it wait.
 """
 import functools
 import json
@@ -18,6 +20,7 @@ import optax
 
 from data_pipelines import pipeline
 from data_pipelines import prepare
+from data_pipelines import transforms
 from m2mrf_jax import checkpoints
 from m2mrf_jax import chrono as chrono_lib
 from m2mrf_jax import convert
@@ -32,22 +35,30 @@ from m2mrf_jax import summary
 CONFIG_FILE = 'config.json'
 
 
-def make_train_step(graphdef, loss_fn, mesh):
+def make_train_step(graphdef, loss_fn, mesh, mean, std):
   """The jitted step (state, batch) -> (state, loss) of one (micro-)batch; `state` is donated.
+
+  The batch is `pipeline.train_iterator`'s, on device: {'image': uint8 (B, H, W, 3) zero-padded,
+  'image_size': int (B, 2), 'label': uint8 (B, H, W, 4)}; the images are normalised here
+  (`transforms.normalize_padded`, bit for bit the host's float32 normalisation).
 
   Args:
     graphdef: the graph definition of the pair (model, optimizer); state is `nnx.state` of the pair.
     loss_fn: (logits, labels) -> scalar.
     mesh: the device mesh; the state stays replicated on it.
+    mean: RGB mean of the normalisation.
+    std: RGB std of the normalisation.
   """
   replicated = mesh_lib.replicated(mesh)
+  table = transforms.normalize_table(mean, std)
 
   @functools.partial(jax.jit, donate_argnums=0, out_shardings=(replicated, replicated))
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    image = transforms.normalize_padded(batch['image'], batch['image_size'], table)
 
     def loss_of(model):
-      return loss_fn(model(batch['image']), batch['label'].astype(jnp.float32))
+      return loss_fn(model(image), batch['label'].astype(jnp.float32))
 
     loss, grads = nnx.value_and_grad(loss_of)(model)  # BN statistics are updated in `model`
     optimizer.update(model, grads)
@@ -124,8 +135,9 @@ def train(config, workdir, train_data, evaluate_fn):
     config: a config as `configs/common.py` describes it.
     workdir: holds the orbax checkpoints, config.json, log.jsonl and TensorBoard events.
     train_data: (start_step=, rows=) -> an iterator of this process's `rows` of global batches
-      start_step, start_step + 1, ... {'image', 'label'}; each global batch is a function of
-      (seed, step) alone, so resuming needs only the step (`pipeline.train_iterator`).
+      start_step, start_step + 1, ... {'image', 'image_size', 'label'} (`make_train_step`); each global
+      batch is a function of (seed, step) alone, so resuming needs only the step
+      (`pipeline.train_iterator`).
     evaluate_fn: (model, step, summary.Writer) -> metrics dict with 'mAUPR', 'mIoU', 'mF1'.
 
   Returns:
@@ -153,17 +165,20 @@ def train(config, workdir, train_data, evaluate_fn):
       logging.info('Resumed from step %d of %s.', step, workdir)
     if step < num_steps:  # global batch k is a function of (seed, k) alone: the step resumes it
       rows = distributed.process_rows(mesh_lib.data_sharding(mesh), config.batch_size)
-      train_iter = train_data(start_step=step, rows=rows)
+      feed = mesh_lib.prefetch(  # two steps' micro-batches on their way to the devices ahead
+          train_data(start_step=step, rows=rows),
+          lambda local: [mesh_lib.global_batch(mesh, m) for m in micro_batches(local, accum)])
 
     # ---- Training loop: losses summed on device, read (and checked) at log and save steps --
     graphdef, state = nnx.split((model, optimizer))
-    train_step = make_train_step(graphdef, losses.get_loss_fn(config), mesh)
+    train_step = make_train_step(graphdef, losses.get_loss_fn(config), mesh, config.data.mean,
+                                 config.data.std)
     schedule = losses.poly_schedule(config)
     chrono = chrono_lib.Chrono(num_steps)
     loss_sum, window_start = 0.0, step + 1
     while step < num_steps:
-      for micro in micro_batches(next(train_iter), accum):
-        state, loss = train_step(state, mesh_lib.global_batch(mesh, micro))
+      for micro in next(feed):
+        state, loss = train_step(state, micro)
         loss_sum = loss_sum + loss
       step += 1
       chrono.step_done(step)

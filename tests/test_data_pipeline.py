@@ -47,7 +47,7 @@ def _pillow_resize(image, size):
 
 def _reference_train_example(record, example, seed, config, resize=_opencv_resize):
   """The official order written out on full-resolution arrays: dihedral, rescale (cv2 INTER_LINEAR, as
-  mmcv.imrescale; or another `resize`), crop, normalise, pad."""
+  mmcv.imrescale; or another `resize`), crop, pad; the step normalises (test_data_transforms)."""
   rng = np.random.default_rng(seed)
   k = int(rng.integers(6))
   ratio = rng.uniform(*config.ratio_range)
@@ -66,12 +66,11 @@ def _reference_train_example(record, example, seed, config, resize=_opencv_resiz
   for c in range(4):  # EX, HE, SE, MA in turn: the later class wins
     label_map[(bits >> c & 1) == 1] = c + 1
   label = (label_map[..., None] == np.arange(1, 5)).astype(np.uint8)
-  normalised = (image - np.array(config.mean)) / np.array(config.std)
-  out_image = np.zeros(tuple(config.crop_size) + (3,))
+  out_image = np.zeros(tuple(config.crop_size) + (3,), np.uint8)
   out_label = np.zeros(tuple(config.crop_size) + (4,), np.uint8)
-  out_image[:image.shape[0], :image.shape[1]] = normalised
+  out_image[:image.shape[0], :image.shape[1]] = image
   out_label[:label.shape[0], :label.shape[1]] = label
-  return out_image, out_label
+  return out_image, out_label, image.shape[:2]
 
 
 @pytest.mark.parametrize('seed', range(6))
@@ -82,10 +81,11 @@ def test_train_example_matches_the_official_order(data_dir, seed):
   examples = sources.load('idrid', 'train', data_dir)
   record, example = source[seed % NUM_TRAIN], examples[seed % NUM_TRAIN]
   out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
-  image, label = _reference_train_example(record, example, seed, config)
+  image, label, size = _reference_train_example(record, example, seed, config)
   np.testing.assert_array_equal(out['label'], label)
-  assert (np.abs(out['image'] - image) * np.array(config.std)).max() <= 1e-3  # float32 normalisation
-  assert out['image'].dtype == np.float32 and out['label'].dtype == np.uint8
+  np.testing.assert_array_equal(out['image'], image)
+  np.testing.assert_array_equal(out['image_size'], size)
+  assert out['image'].dtype == out['label'].dtype == np.uint8 and out['image_size'].dtype == np.int32
 
 
 @pytest.mark.parametrize('ratio', [0.5, 0.3])
@@ -97,11 +97,11 @@ def test_reduced_decode_keeps_image_and_label_aligned(data_dir, ratio):
   for seed in range(12):
     out = pipeline.train_example(record, np.random.default_rng(seed), **_transform_kwargs(config))
     # Compared with the full-size decode resized by the same (antialiased) filter.
-    image, label = _reference_train_example(record, example, seed, config, _pillow_resize)
+    image, label, _ = _reference_train_example(record, example, seed, config, _pillow_resize)
     np.testing.assert_array_equal(out['label'], label)
     h, w = transforms.rescale_size(transforms.dihedral_size(SIZE, np.random.default_rng(seed).integers(6)),
                                    config.img_scale, ratio)
-    error = np.abs(out['image'] - image)[:h, :w] * np.array(config.std)  # in uint8 levels
+    error = np.abs(out['image'].astype(np.float64) - image)[:h, :w]  # in uint8 levels
     assert error.mean() < 3.0, (seed, error.mean())
 
 
@@ -159,8 +159,7 @@ def test_test_input_equals_opencv_at_the_idrid_scale(dotted_record):
 def test_train_crop_equals_opencv(dotted_record, ratio, seed, k):
   crop = (960, 1440)
   out = pipeline.train_example(dotted_record, np.random.default_rng(seed), img_scale=(1440, 960),
-                               ratio_range=(ratio, ratio), crop_size=crop, mean=(0, 0, 0),
-                               std=(1, 1, 1), photometric=False)
+                               ratio_range=(ratio, ratio), crop_size=crop, photometric=False)
   # The official order: the (offline) dihedral map of the decoded image, Resize(ratio_range) =
   # mmcv.imrescale into (int(1440 r), int(960 r)), RandomCrop offsets, Pad; labels nearest.
   rng = np.random.default_rng(seed)
@@ -176,6 +175,7 @@ def test_train_crop_equals_opencv(dotted_record, ratio, seed, k):
   expected = resized[y0:y0 + crop[0], x0:x0 + crop[1], ::-1]
   eh, ew = expected.shape[:2]
   np.testing.assert_array_equal(out['image'][:eh, :ew], expected)
+  assert tuple(out['image_size']) == (eh, ew)
   assert not out['image'][eh:].any() and not out['image'][:, ew:].any()
   bits = np.ascontiguousarray(transforms.dihedral(
       codecs.decode_bits(dotted_record['mask_bits'], IDRID_SIZE), k))
@@ -212,13 +212,12 @@ def test_eval_shares_are_disjoint_and_cover_the_split(data_dir):
   assert sorted(shares[0] + shares[1]) == [e['id'] for e in sources.load('idrid', 'test', data_dir)]
 
 
-def _identify(batch_images, config, data_dir):
-  """Which train example each image of a batch is (no augmentation: the image is the normalised example)."""
-  examples = sources.load('idrid', 'train', data_dir)
-  normalised = {e['id']: transforms.normalize(e['image'], config.mean, config.std) for e in examples}
+def _identify(batch_images, data_dir):
+  """Which train example each image of a batch is (no augmentation: the image is the example)."""
+  examples = {e['id']: e['image'].astype(np.int64) for e in sources.load('idrid', 'train', data_dir)}
   ids = []
   for image in batch_images:
-    matches = [i for i, n in normalised.items() if np.abs(n - image).max() < 0.05]
+    matches = [i for i, e in examples.items() if np.abs(e - image).max() <= 1]
     assert len(matches) == 1
     ids.append(matches[0])
   return ids
@@ -231,7 +230,7 @@ def _plain_config():
 def test_epochs_are_permutations_and_reshuffle(data_dir):
   config = _plain_config()
   iterator = pipeline.train_iterator(config, data_dir, batch_size=NUM_TRAIN, seed=0)
-  epochs = [_identify(next(iterator)['image'], config, data_dir) for _ in range(3)]
+  epochs = [_identify(next(iterator)['image'], data_dir) for _ in range(3)]
   assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == NUM_TRAIN for e in epochs)
   assert len({tuple(e) for e in epochs}) > 1  # reshuffled across epochs
 
@@ -242,12 +241,15 @@ def test_train_batches(data_dir):
   padded = 0
   for _ in range(3):
     batch = next(iterator)
-    assert batch['image'].shape == (4, 128, 160, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (4, 128, 160, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (4, 128, 160, 4) and batch['label'].dtype == np.uint8
+    assert batch['image_size'].shape == (4, 2) and batch['image_size'].dtype == np.int32
     assert batch['label'].max() == 1 and batch['label'].sum(-1).max() == 1  # exclusive one-hot
-    background = (batch['image'] == 0).all(-1)
-    padded += background.sum()
-    assert not batch['label'][background].any()  # padding: image 0 after normalisation, label 0
+    for image, label, (h, w) in zip(batch['image'], batch['label'], batch['image_size']):
+      assert image[:h, :w].any(-1).mean() > 0.5  # the crop: a fundus photograph, mostly not black
+      padded += image.shape[0] * image.shape[1] - h * w
+      assert not image[h:].any() and not image[:, w:].any()  # padding: 0 (the step normalises
+      assert not label[h:].any() and not label[:, w:].any()  # only the crop), label 0
   assert padded > 0  # ratios below ~1.3 give images smaller than the crop
 
 
@@ -258,6 +260,7 @@ def _take(iterator, n):
 def _assert_same(batches, others):
   for a, b in zip(batches, others, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['image_size'], b['image_size'])
     np.testing.assert_array_equal(a['label'], b['label'])
 
 

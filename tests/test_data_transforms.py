@@ -279,6 +279,23 @@ def test_normalize_and_pad():
     transforms.pad_to(out, (5, 12))
 
 
+@pytest.mark.parametrize('mean,std', [((116.513, 56.437, 16.309), (80.206, 41.232, 13.293)),  # IDRiD
+                                      ((81.205, 50.636, 21.216), (76.252, 48.798, 21.625)),  # DDR
+                                      ((0.5, 254.25, 100.0), (0.7, 3.0, 99.9))])
+def test_normalize_padded_on_device_is_normalize_and_pad_bit_for_bit(mean, std):
+  # Every uint8 value in every channel (the map is elementwise), three crops, two of them padded.
+  import jax  # pylint: disable=g-import-not-at-top
+  values = np.arange(256, dtype=np.uint8).reshape(16, 16, 1) * np.ones(3, np.uint8)
+  image_size = np.array([(16, 16), (9, 16), (16, 5)], np.int32)
+  pixels = np.stack([transforms.pad_to(values[:h, :w], (16, 16)) for h, w in image_size])
+  table = transforms.normalize_table(mean, std)
+  got = jax.jit(transforms.normalize_padded)(pixels, image_size, table)
+  expected = np.stack([transforms.pad_to(transforms.normalize(values[:h, :w], mean, std), (16, 16))
+                       for h, w in image_size])
+  assert got.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32), expected.view(np.uint32))
+
+
 def test_exclusive_merge_priority_and_multilabel():
   bits = np.arange(32, dtype=np.uint8).reshape(4, 8)  # every combination, with the optic disc bit
   masks = [(bits >> c & 1).astype(bool) for c in range(4)]

@@ -71,12 +71,12 @@ def test_preempt_and_resume_is_bit_exact_and_reports(tmp_path, monkeypatch):
 
   real_iterator = grading_pipeline.train_iterator
 
-  def sigterm_after_two_batches(*args, **kwargs):
+  def sigterm_in_step_two(*args, **kwargs):
     for i, batch in enumerate(real_iterator(*args, **kwargs)):
-      if i == 1:
+      if i == 1 + 2:  # the loop reads two batches ahead of the step (mesh.prefetch)
         os.kill(os.getpid(), signal.SIGTERM)
       yield batch
-  monkeypatch.setattr(grading_pipeline, 'train_iterator', sigterm_after_two_batches)
+  monkeypatch.setattr(grading_pipeline, 'train_iterator', sigterm_in_step_two)
   workdir = tmp_path / 'preempted'
   assert train.train_and_evaluate(config, workdir) is None
   assert checkpoints.read_meta(workdir)['step'] == 2

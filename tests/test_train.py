@@ -4,7 +4,9 @@ A tiny conv + BN segmenter stands in for HRNet (what is tested is the loop, not 
 the data is an in-memory grain dataset whose batch k, as the real one's, depends only on (seed, k),
 and evaluation is a stand-in function, both passed to `train.train`.
 """
+import functools
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -23,6 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import common
+from data_pipelines import transforms
 from m2mrf_jax import checkpoints
 from m2mrf_jax import chrono
 from m2mrf_jax import losses
@@ -37,6 +40,7 @@ pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisa
 from tests.tiny_model import TinySegmenter
 
 SIZE = 8  # image side
+AHEAD = 2  # the loop's feed (mesh.prefetch) reads two batches ahead of the step
 
 
 @pytest.fixture(autouse=True)
@@ -58,10 +62,21 @@ def _config(**overrides):
 
 
 def _batch(seed, n=8):
+  """A batch as `pipeline.train_iterator`'s: uint8 pixels and labels, 0 beyond each crop's size."""
   rng = np.random.default_rng(seed)
-  image = rng.normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
-  label = (rng.random((n, SIZE, SIZE, 4)) < 0.3).astype(np.uint8)
-  return {'image': image, 'label': label}
+  image_size = rng.integers(SIZE // 2, SIZE + 1, (n, 2)).astype(np.int32)
+  inside = ((np.arange(SIZE)[None, :, None] < image_size[:, :1, None]) &
+            (np.arange(SIZE)[None, None, :] < image_size[:, None, 1:]))[..., None]
+  image = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8) * inside
+  label = (rng.random((n, SIZE, SIZE, 4)) < 0.3).astype(np.uint8) * inside
+  return {'image': image.astype(np.uint8), 'image_size': image_size, 'label': label.astype(np.uint8)}
+
+
+def _host_normalised(batch, data_config):
+  """The former input path: each crop normalised on the host (mmcv's float32 Normalize), then Pad 0."""
+  return np.stack([transforms.pad_to(transforms.normalize(image[:h, :w], data_config.mean,
+                                                          data_config.std), image.shape[:2])
+                   for image, (h, w) in zip(batch['image'], batch['image_size'])])
 
 
 def _one_device_mesh():
@@ -72,7 +87,7 @@ def _one_device_mesh():
 def _run_steps(config, mesh, batches):
   model, optimizer = train.create_model_and_optimizer(config, mesh)
   graphdef, state = nnx.split((model, optimizer))
-  step = train.make_train_step(graphdef, losses.dice_loss, mesh)
+  step = train.make_train_step(graphdef, losses.dice_loss, mesh, config.data.mean, config.data.std)
   out = []
   for batch in batches:
     micro_losses = []
@@ -111,7 +126,7 @@ def test_batchnorm_statistics_are_over_the_global_batch():
   config, batch = _config(), _batch(2)
   model, _ = _run_steps(config, mesh_lib.make_mesh(), [batch])
   initial = models.build(config.model, nnx.Rngs(config.seed))
-  features = np.asarray(initial.conv(batch['image']), np.float64)  # (8, H, W, width)
+  features = np.asarray(initial.conv(_host_normalised(batch, config.data)), np.float64)  # (8, H, W, width)
   whole_mean = features.mean(axis=(0, 1, 2))
   whole_var = features.var(axis=(0, 1, 2))
   np.testing.assert_allclose(model.bn.mean[...], 0.1 * whole_mean, rtol=1e-5, atol=1e-7)
@@ -200,7 +215,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
   reference = _train(config, tmp_path / 'uninterrupted')
 
   def kill_at_step_5(call, local):
-    if call == 5:
+    if call == 5 + AHEAD:  # read when step 5 asks for its batch
       raise KeyboardInterrupt('killed')
     return local
   with pytest.raises(KeyboardInterrupt):
@@ -209,7 +224,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
   resumed = _train(config, tmp_path / 'killed')
 
   def sigterm_at_step_3(call, local):
-    if call == 3:
+    if call == 3 + AHEAD:
       os.kill(os.getpid(), signal.SIGTERM)
     return local
   assert _train(config, tmp_path / 'preempted', sigterm_at_step_3) is None
@@ -241,17 +256,91 @@ def test_logged_loss_is_the_mean_over_the_window(tmp_path):
   (record,) = [json.loads(line) for line in open(tmp_path / 'log.jsonl') if 'loss' in line]
   model, optimizer = train.create_model_and_optimizer(config, mesh_lib.make_mesh())
   graphdef, state = nnx.split((model, optimizer))
-  step = train.make_train_step(graphdef, losses.dice_loss, mesh_lib.make_mesh())
+  step = train.make_train_step(graphdef, losses.dice_loss, mesh_lib.make_mesh(), config.data.mean,
+                               config.data.std)
+  assert len(batches) == 4 + AHEAD  # read ahead, never used
   step_losses = []
-  for batch in batches:
+  for batch in batches[:4]:
     state, loss = step(state, mesh_lib.global_batch(mesh_lib.make_mesh(), batch))
     step_losses.append(float(loss))
   assert record['loss'] == pytest.approx(np.mean(step_losses), rel=1e-6)
 
 
-def test_nan_loss_stops_within_the_window_and_keeps_last_good_checkpoint(tmp_path):
+def _former_train_step(graphdef, loss_fn, mesh):
+  """The step before issue 12 (commit fbf78ad), as written then: it takes the host-normalised image."""
+  replicated = mesh_lib.replicated(mesh)
+
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=(replicated, replicated))
+  def train_step(state, batch):
+    model, optimizer = nnx.merge(graphdef, state)
+
+    def loss_of(model):
+      return loss_fn(model(batch['image']), batch['label'].astype(jnp.float32))
+
+    loss, grads = nnx.value_and_grad(loss_of)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+  return train_step
+
+
+def test_device_normalisation_logs_the_losses_of_host_normalisation(tmp_path):
+  # The loop feeds uint8 pixels, normalised in the step; the former loop fed the host's float32
+  # normalisation (`_host_normalised`) to `_former_train_step`. The model inputs are equal bit for bit
+  # (test_data_transforms), and so are the losses (also measured with XLA's full optimisation), summed
+  # on device as the loop sums them: the tolerance is 0.
+  config = _config(num_train_steps=4, log_every_steps=2, checkpoint_every_steps=100,
+                   grad_accum_steps=2, batch_size=16)
+  batches = []
+  _train(config, tmp_path, lambda call, batch: batches.append(batch) or batch)
+  logged = [json.loads(line)['loss'] for line in open(tmp_path / 'log.jsonl') if 'loss' in line]
+  mesh = mesh_lib.make_mesh()
+  model, optimizer = train.create_model_and_optimizer(config, mesh)
+  graphdef, state = nnx.split((model, optimizer))
+  step = _former_train_step(graphdef, losses.dice_loss, mesh)
+  former = []
+  for window in (batches[:2], batches[2:4]):
+    loss_sum = 0.0
+    for batch in window:
+      host = {'image': _host_normalised(batch, config.data), 'label': batch['label']}
+      for micro in train.micro_batches(host, config.grad_accum_steps):
+        state, loss = step(state, mesh_lib.global_batch(mesh, micro))
+        loss_sum = loss_sum + loss
+    former.append(float(loss_sum) / 4)
+  assert (np.asarray([b['image_size'] for b in batches[:4]]) < SIZE).any()  # padded crops
+  assert logged == former and len(set(former)) == 2
+
+
+def test_prefetch_puts_two_batches_ahead_in_order():
+  read, put = [], []
+
+  def source():
+    for i in range(5):
+      read.append(i)
+      yield i
+
+  def put_fn(batch):
+    put.append(batch)
+    return -batch
+  got = []
+  for item in mesh_lib.prefetch(source(), put_fn):
+    got.append(item)
+    assert put == read == list(range(min(len(got) + 2, 5)))  # step k: k + 1, k + 2 already put
+  assert got == [0, -1, -2, -3, -4]
+  mesh = mesh_lib.make_mesh()
+  (first,) = itertools.islice(mesh_lib.prefetch(iter([_batch(0)]), functools.partial(
+      mesh_lib.global_batch, mesh)), 1)
+  assert first['image'].dtype == np.uint8 and first['image'].sharding == mesh_lib.data_sharding(mesh)
+
+
+def test_nan_loss_stops_within_the_window_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  # uint8 inputs cannot be NaN: the loss is NaN on a batch whose labels are marked with a 2.
+  dice = losses.get_loss_fn(_config())
+  monkeypatch.setattr(losses, 'get_loss_fn', lambda config: lambda logits, labels: jnp.where(
+      labels.max() > 1, jnp.nan, dice(logits, labels)))
+
   def nan_at_step_3(call, local):
-    return {**local, 'image': local['image'] * np.nan} if call == 3 else local
+    return {**local, 'label': local['label'] * 2} if call == 3 else local
   with pytest.raises(FloatingPointError, match=r'loss is nan within steps \[3, 4\].*step 2'):
     _train(_config(), tmp_path, nan_at_step_3)
   assert checkpoints.read_meta(tmp_path)['step'] == 2

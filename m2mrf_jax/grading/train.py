@@ -254,7 +254,8 @@ def train(config, workdir, train_data, evaluate_fn):
       logging.info('Resumed from step %d of %s.', step, workdir)
     if step < num_steps:  # global batch k is a function of (seed, k) alone: the step resumes it
       rows = distributed.process_rows(mesh_lib.data_sharding(mesh), config.batch_size)
-      train_iter = train_data(start_step=step, rows=rows)
+      feed = mesh_lib.prefetch(train_data(start_step=step, rows=rows),  # two batches ahead
+                               functools.partial(mesh_lib.global_batch, mesh))
 
     # ---- Training loop: losses summed on device, read (and checked) at log and save steps --
     graphdef, state = nnx.split((model, optimizer))
@@ -263,7 +264,7 @@ def train(config, workdir, train_data, evaluate_fn):
     chrono = chrono_lib.Chrono(num_steps)
     loss_sum, accuracy_sum, window_start = 0.0, 0.0, step + 1
     while step < num_steps:
-      state, (loss, accuracy) = train_step(state, mesh_lib.global_batch(mesh, next(train_iter)))
+      state, (loss, accuracy) = train_step(state, next(feed))
       loss_sum, accuracy_sum = loss_sum + loss, accuracy_sum + accuracy
       step += 1
       chrono.step_done(step)
