@@ -242,7 +242,7 @@ def main(argv):
   else:
     model = nnx.eval_shape(lambda: models.build(config.model, nnx.Rngs(0)))
     load_state_dict(model, state)
-  checkpoints.save_model(cfg.output, model, config.model)
+  checkpoints.save_model(cfg.output, model, config)
   logging.info('wrote %s', cfg.output)
 
 

@@ -205,6 +205,7 @@ def main(argv):
   if stride and not window:
     raise app.UsageError('--stride needs --window')
   config = FLAGS.config
+  checkpoints.checked_card(FLAGS.checkpoint, config)
   model = checkpoints.restore_model(FLAGS.checkpoint, config.model)
   failed = run(model, config.data, inputs, FLAGS.output, window=window, stride=stride,
                batch_size=FLAGS.batch_size)

@@ -1,4 +1,9 @@
-"""save_model / restore_model round trip and the model-config guard, on the real HRNet-W18."""
+"""save_model / restore_model round trip, the model-config guard and the model card, on the real
+HRNet-W18."""
+import json
+import re
+
+from absl import logging
 from flax import nnx
 import jax
 import numpy as np
@@ -11,22 +16,27 @@ from m2mrf_jax import models
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
 
-def _w18(variant='c'):
+def _w18_config(variant='c'):
   config = common.get_config('idrid', variant)
   config.model.width = 18
-  return config.model
+  return config
+
+
+def _w18(variant='c'):
+  return _w18_config(variant).model
 
 
 @pytest.fixture(scope='module')
 def saved(tmp_path_factory):
   """A W18-c model with random BN statistics, saved as step 3."""
-  model_config = _w18()
+  config = _w18_config()
+  model_config = config.model
   model = models.build(model_config, nnx.Rngs(1))
   rng = np.random.default_rng(0)
   state = nnx.state(model, nnx.BatchStat)
   nnx.update(model, jax.tree.map(lambda v: rng.random(v.shape).astype(v.dtype), state))
   directory = tmp_path_factory.mktemp('ckpt')
-  checkpoints.save_model(directory, model, model_config, step=3)
+  checkpoints.save_model(directory, model, config, step=3)
   return directory, model, model_config
 
 
@@ -68,3 +78,60 @@ def test_restore_model_missing_step_or_directory(saved, tmp_path):
     checkpoints.restore_model(directory, model_config, step=5)
   with pytest.raises(FileNotFoundError, match='no checkpoint in'):
     checkpoints.restore_model(tmp_path / 'empty', model_config)
+
+
+# ---- The model card --------------------------------------------------------------------------
+
+
+def test_saved_checkpoint_has_a_card_with_the_config_values(saved):
+  directory, _, _ = saved
+  path = directory / '3' / 'model_card' / 'model_card.json'
+  card = json.loads(path.read_text())  # a plain JSON file beside the weights
+  config = _w18_config()
+  assert card['task'] == 'segmentation'
+  assert (card['variant'], card['width'], card['num_classes']) == ('c', 18, 4)
+  assert (card['down'], card['up']) == (config.model.down, config.model.up)
+  assert card['classes'] == ['EX', 'HE', 'SE', 'MA']
+  assert card['dataset'] == 'idrid'
+  assert card['img_scale'] == [1440, 960]
+  assert card['mean'] == [116.513, 56.437, 16.309] and card['std'] == [80.206, 41.232, 13.293]
+  assert card['training_steps'] == 3 and card['num_train_steps'] == 40_000
+  assert card['metrics'] == {}
+  assert 'not for diagnosis' in card['intended_use']
+  assert card['version'] == '0.1.0'
+  assert checkpoints.read_card(directory) == card
+
+
+@pytest.mark.parametrize('field, override, card_value, config_value', [
+    ('width', lambda c: c.model.update(width=32), 18, 32),
+    ('dataset', lambda c: c.data.update(name='ddr'), "'idrid'", "'ddr'"),
+    ('std', lambda c: c.data.update(std=(1.0, 2.0, 3.0)), '[80.206, 41.232, 13.293]', '[1.0, 2.0, 3.0]'),
+    ('img_scale', lambda c: c.data.update(img_scale=(1024, 1024)), '[1440, 960]', '[1024, 1024]'),
+])
+def test_a_contradicting_config_is_refused_naming_both_values(saved, field, override, card_value,
+                                                              config_value):
+  directory, _, _ = saved
+  config = _w18_config()
+  override(config)
+  with pytest.raises(ValueError, match=rf'contradicts the config: {field} is '
+                                       rf'{re.escape(str(card_value))} in the card, '
+                                       rf'{re.escape(str(config_value))} in the config'):
+    checkpoints.checked_card(directory, config)
+
+
+def test_checked_card_prints_the_card_and_warns_without_one(saved, tmp_path, caplog):
+  directory, model, _ = saved
+  caplog.set_level(logging.INFO)
+  card = checkpoints.checked_card(directory, _w18_config())
+  assert card['width'] == 18
+  printed = caplog.text
+  assert f'model card of {directory}' in printed and 'variant: c' in printed
+  assert 'classes: EX, HE, SE, MA' in printed and 'not for diagnosis' in printed
+
+  # A checkpoint written before cards existed: a warning, not a refusal.
+  old = tmp_path / 'old'
+  checkpoints.save_model(old, model, _w18_config(), step=1)
+  (old / '1' / 'model_card' / 'model_card.json').unlink()
+  caplog.clear()
+  assert checkpoints.checked_card(old, _w18_config('a')) is None
+  assert 'has no model card' in caplog.text
