@@ -192,6 +192,8 @@ def run(model: nnx.Module, data_config, inputs, output, *, window=None, stride=N
 
 def main(argv):
   from m2mrf_jax import checkpoints  # pylint: disable=g-import-not-at-top (slow import, after flags)
+  from m2mrf_jax import console  # pylint: disable=g-import-not-at-top
+  console.setup(FLAGS.verbosity)
   inputs = argv[1:]
   if not FLAGS.checkpoint:
     raise app.UsageError('--checkpoint is required: an orbax checkpoint directory written by training '
