@@ -1,7 +1,11 @@
 """save_model / restore_model round trip, the model-config guard and the model card, on the real
 HRNet-W18."""
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 from absl import logging
 from flax import nnx
@@ -10,8 +14,12 @@ import numpy as np
 import pytest
 
 from configs import common
+from configs import grading_common
 from m2mrf_jax import checkpoints
+from m2mrf_jax import evaluate
 from m2mrf_jax import models
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing: XLA's optimisations only cost time
 
@@ -135,3 +143,43 @@ def test_checked_card_prints_the_card_and_warns_without_one(saved, tmp_path, cap
   caplog.clear()
   assert checkpoints.checked_card(old, _w18_config('a')) is None
   assert 'has no model card' in caplog.text
+
+
+def test_evaluate_prints_the_card_and_refuses_a_contradicting_config(saved, tmp_path, caplog):
+  directory, _, _ = saved
+  config = _w18_config()
+  config.data.mean = (0.0, 0.0, 0.0)
+  caplog.set_level(logging.INFO)
+  with pytest.raises(ValueError, match=r"mean is \[116.513, 56.437, 16.309\] in the card, "
+                                       r"\[0.0, 0.0, 0.0\] in the config"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / 'eval'), checkpoint=str(directory))
+  assert f'model card of {directory}' in caplog.text
+  assert not (tmp_path / 'eval').exists()  # refused before the data is prepared
+
+
+@pytest.mark.slow
+def test_predict_cli_prints_the_card_and_refuses_a_contradicting_config(saved, tmp_path):
+  directory, _, _ = saved
+  result = subprocess.run(
+      [sys.executable, '-m', 'm2mrf_jax.predict', '--config=configs/ddr_c.py', '--config.model.width=18',
+       f'--checkpoint={directory}', f'--output={tmp_path / "out"}', 'x.png'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode != 0
+  assert f'model card of {directory}' in result.stderr and 'classes: EX, HE, SE, MA' in result.stderr
+  assert "dataset is 'idrid' in the card, 'ddr' in the config" in result.stderr
+  assert 'img_scale is [1440, 960] in the card, [1024, 1024] in the config' in result.stderr
+  assert not (tmp_path / 'out').exists()
+
+
+def test_grading_card_holds_the_grades_and_the_side_branch():
+  config = grading_common.get_config('ddr_grading')
+  card = checkpoints.model_card(config, 7, {'kappa': 0.5, 'confusion': [[1]]})
+  assert card['task'] == 'grading' and card['dataset'] == 'ddr_grading'
+  assert card['classes'] == ['none', 'mild', 'moderate', 'severe', 'proliferative']
+  assert (card['variant'], card['width'], card['num_classes']) == ('c', 48, 5)
+  assert card['image_size'] == 896 and card['mean'] == [81.205, 50.636, 21.216]  # DDR segmenter's
+  assert card['metrics'] == {'kappa': 0.5} and card['training_steps'] == 7
+  checkpoints.check_card('d', card, config)  # its own config passes
+  config.model.num_classes = 6
+  with pytest.raises(ValueError, match='num_classes is 5 in the card, 6 in the config; classes is'):
+    checkpoints.check_card('d', card, config)
