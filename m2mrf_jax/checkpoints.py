@@ -108,15 +108,17 @@ def read_card(directory, step=None):
 
 def format_card(card):
   """The card as `key: value` lines, for the console."""
-  return '\n'.join(f'  {k}: {", ".join(map(str, v)) if isinstance(v, list) else v}'
-                    for k, v in card.items() if k != 'metrics') + '\n  metrics at save: ' + (
-                        '  '.join(f'{k} {v:.4f}' for k, v in card['metrics'].items()) or 'none')
+  def value(v):
+    return ', '.join(map(str, v)) if isinstance(v, list) else repr(v) if v == '' else v
+  metrics = '  '.join(f'{k} {v:.4f}' for k, v in card['metrics'].items()) or 'none'
+  return '\n'.join([f'  {k}: {value(v)}' for k, v in card.items() if k != 'metrics'] +
+                   [f'  metrics at save: {metrics}'])
 
 
 def check_card(directory, card, config):
   """Raises ValueError when `config` gives another value than the card for a CARD_CHECKED field."""
   wanted = model_card(config, 0)
-  diffs = [k for k in CARD_CHECKED if (k in card or k in wanted) and card.get(k) != wanted.get(k)]
+  diffs = [k for k in CARD_CHECKED if card.get(k) != wanted.get(k)]
   if diffs:
     raise ValueError(f'the model card of {directory} contradicts the config: ' + '; '.join(
         f'{k} is {card.get(k)!r} in the card, {wanted.get(k)!r} in the config' for k in diffs))
