@@ -3,10 +3,12 @@
 `setup(verbosity)` after flag parsing (absl's --verbosity, -v): at 0 (the default) a library record
 below WARNING is dropped; at 1 its INFO lines come back, at 2 and more its DEBUG lines too. orbax, grain
 and TFDS log through absl, so a record is told apart by the file that logged it: a library is a file
-under site-packages (or dist-packages) outside this project's packages.
+under site-packages (or dist-packages) outside this project's packages, or of the standard library
+(asyncio's DEBUG lines).
 """
 import logging as py_logging
 import os
+import sysconfig
 
 from absl import logging
 
@@ -17,6 +19,7 @@ import m2mrf_jax
 LIBRARY_LOGGERS = ('jax', 'orbax', 'grain', 'tensorflow_datasets', 'etils', 'flax', 'tensorstore')
 _OWN = tuple(os.path.dirname(p.__file__) + os.sep for p in (m2mrf_jax, data_pipelines))
 _LIBRARY_DIRS = (os.sep + 'site-packages' + os.sep, os.sep + 'dist-packages' + os.sep)
+_STDLIB = os.path.join(sysconfig.get_paths()['stdlib'], '')
 
 
 def library_level(verbosity):
@@ -26,7 +29,9 @@ def library_level(verbosity):
 
 def is_library(pathname):
   """Whether a record logged from file `pathname` is a library's (not this project's)."""
-  return any(d in pathname for d in _LIBRARY_DIRS) and not pathname.startswith(_OWN)
+  if pathname.startswith(_OWN):
+    return False
+  return any(d in pathname for d in _LIBRARY_DIRS) or pathname.startswith(_STDLIB)
 
 
 class LibraryFilter(py_logging.Filter):

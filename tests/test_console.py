@@ -62,4 +62,18 @@ def test_verbosity_brings_the_library_lines_back(console_lines, tmp_path):
   library = [f for level, f, _ in verbose if level == 'I' and f not in OWN_FILES]
   assert library and 'checkpoint_manager.py' in library  # orbax's INFO lines
   assert not [f for level, f, _ in quiet if level == 'I' and f not in OWN_FILES]
-  assert not [level for level, _, _ in verbose if level == 'D']  # DEBUG only from --verbosity=2
+
+
+def test_library_filter_levels():
+  own = train.__file__
+  library = py_logging.__file__.replace('logging', 'asyncio')  # the standard library counts as one
+  site = '/venv/lib/python3.11/site-packages/orbax/checkpoint/checkpoint_manager.py'
+
+  def passes(level, pathname, verbosity):
+    record = py_logging.LogRecord('absl', level, pathname, 1, 'm', (), None)
+    return console.LibraryFilter(console.library_level(verbosity)).filter(record)
+  assert [passes(py_logging.INFO, p, 0) for p in (own, library, site)] == [True, False, False]
+  assert [passes(py_logging.WARNING, p, 0) for p in (own, library, site)] == [True, True, True]
+  assert [passes(py_logging.INFO, p, 1) for p in (own, library, site)] == [True, True, True]
+  assert [passes(py_logging.DEBUG, p, 1) for p in (own, library, site)] == [True, False, False]
+  assert [passes(py_logging.DEBUG, p, 2) for p in (own, library, site)] == [True, True, True]
