@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Sets up a virtual environment with the pinned stack, then runs one of:
+# Sets up a virtual environment with the verified stack (constraints.txt), then runs one of:
 #   ./run.sh            the demo: HRNet-W18 M2MRF-C trained and evaluated on synthetic fundus data
 #   ./run.sh test       the whole test suite, both tiers (add -m "not slow" for the fast tier only)
 #   ./run.sh ARGS...    python -m m2mrf_jax.main ARGS... (e.g. --config=configs/idrid_c.py --workdir=DIR)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${VENV:-.venv}
-if [ ! -f "$VENV/.installed" ] || [ setup.cfg -nt "$VENV/.installed" ]; then
+if [ ! -f "$VENV/.installed" ] || [ setup.cfg -nt "$VENV/.installed" ] \
+    || [ constraints.txt -nt "$VENV/.installed" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
   touch "$VENV/.installed"
 fi
 . "$VENV/bin/activate"

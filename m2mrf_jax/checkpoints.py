@@ -5,10 +5,13 @@ steps hold Composite items:
   model      StandardSave of the pure dict of `nnx.state(model)` (parameters and BN statistics)
   meta       JsonSave: {'model': model config dict, 'step': int, 'config': full config (training)}
   opt_state  StandardSave of the pure dict of `nnx.state(optimizer)` (training only)
+  model_card JsonSave to STEP/model_card/model_card.json (`model_card`): what the weights are, how to
+             feed them and what they are for; `checked_card` refuses a config that contradicts it
 
 Training resumes the data at the saved step (global batch k is a function of the seed and k), so no
 data state is saved; the `data` item of older checkpoints (grain iterator states) is ignored.
 """
+import json
 import signal
 import threading
 
@@ -20,6 +23,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+import m2mrf_jax
+from data_pipelines import lesions
 from m2mrf_jax import mesh as mesh_lib
 
 # Model config keys that change the parameter tree; dtype and remat do not.
@@ -51,6 +56,90 @@ def check_model_config(directory, saved, wanted):
         f' [{details}]')
 
 
+CARD_ITEM, CARD_FILE = 'model_card', 'model_card.json'
+INTENDED_USE = ('research on lesion segmentation and grading of fundus images; not for diagnosis or '
+                'any clinical decision')
+# The card fields a config determines: a config that gives another value is refused.
+CARD_CHECKED = ('task', 'variant', 'down', 'up', 'width', 'num_classes', 'classes', 'dataset',
+                'img_scale', 'image_size', 'mean', 'std')
+
+
+def model_card(config, step, metrics=None):
+  """The model card (a JSON-ready dict) of a checkpoint of `config` after `step` training steps.
+
+  Args:
+    config: the full config (segmentation, configs/common.py, or grading, configs/grading_common.py).
+    step: optimizer steps taken (0 for a converted checkpoint).
+    metrics: the evaluation metrics at save time, if any (their scalars are kept).
+  """
+  model, data = config.model, config.data
+  if config.get('task') == 'grading':
+    from m2mrf_jax.grading import metrics as grading_metrics  # pylint: disable=g-import-not-at-top
+    side = model.side
+    card = dict(task='grading', model='SiAN: Inception-v3 + M2MRF-HRNetV2 side branch',
+                variant=side.variant, down=side.down, up=side.up, width=side.width,
+                num_classes=model.num_classes,
+                classes=(grading_metrics.GRADES + (grading_metrics.UNGRADABLE,))[:model.num_classes],
+                dataset=data.name, image_size=data.image_size, mean=model.side_mean,
+                std=model.side_std,
+                input='RGB uint8, long side resized to image_size and padded black to a square; the '
+                      'side branch normalises with (x - mean) / std')
+  else:
+    card = dict(task='segmentation', model='M2MRF-HRNetV2', variant=model.variant, down=model.down,
+                up=model.up, width=model.width, num_classes=model.num_classes,
+                classes=lesions.CLASSES[:model.num_classes], dataset=data.name,
+                img_scale=data.img_scale, mean=data.mean, std=data.std,
+                input='RGB, resized keeping the ratio into img_scale (long, short), then '
+                      '(x - mean) / std; one sigmoid per class, in the order of classes')
+  scalars = {k: float(v) for k, v in (metrics or {}).items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+  card.update(training_steps=int(step), num_train_steps=config.get('num_train_steps'),
+              metrics=scalars, intended_use=INTENDED_USE, version=m2mrf_jax.__version__)
+  return json.loads(json.dumps(card))  # tuples -> lists, as read back
+
+
+def read_card(directory, step=None):
+  """The model card of a checkpoint (the latest step if `step` is None), or None if it has none."""
+  with _manager(directory, _READ_ONLY) as manager:
+    step = _restore_step(manager, directory, step)
+    path = epath.Path(manager.directory) / str(step) / CARD_ITEM / CARD_FILE
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def format_card(card):
+  """The card as `key: value` lines, for the console."""
+  def value(v):
+    return ', '.join(map(str, v)) if isinstance(v, list) else repr(v) if v == '' else v
+  metrics = '  '.join(f'{k} {v:.4f}' for k, v in card['metrics'].items()) or 'none'
+  return '\n'.join([f'  {k}: {value(v)}' for k, v in card.items() if k != 'metrics'] +
+                   [f'  metrics at save: {metrics}'])
+
+
+def check_card(directory, card, config):
+  """Raises ValueError when `config` gives another value than the card for a CARD_CHECKED field."""
+  wanted = model_card(config, 0)
+  diffs = [k for k in CARD_CHECKED if card.get(k) != wanted.get(k)]
+  if diffs:
+    raise ValueError(f'the model card of {directory} contradicts the config: ' + '; '.join(
+        f'{k} is {card.get(k)!r} in the card, {wanted.get(k)!r} in the config' for k in diffs))
+
+
+def checked_card(directory, config, step=None):
+  """Reads, logs and checks the card of a checkpoint against `config`; returns it (None: no card).
+
+  Raises:
+    ValueError: the card contradicts the config (`check_card`).
+  """
+  card = read_card(directory, step)
+  if card is None:
+    logging.warning('%s has no model card (written before cards existed): only its model structure '
+                    'is checked against the config.', directory)
+    return None
+  logging.info('model card of %s:\n%s', directory, format_card(card))
+  check_card(directory, card, config)
+  return card
+
+
 def _abstract(tree, sharding=None):
   """ShapeDtypeStructs of a pytree of arrays, keeping their shardings unless one is given."""
   def leaf(x):
@@ -59,7 +148,15 @@ def _abstract(tree, sharding=None):
 
 
 def _manager(directory, options=None):
-  return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options)
+  handlers = dict(model=ocp.StandardCheckpointHandler(), opt_state=ocp.StandardCheckpointHandler(),
+                  meta=ocp.JsonCheckpointHandler(),
+                  **{CARD_ITEM: ocp.JsonCheckpointHandler(filename=CARD_FILE)})
+  return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
+                               item_handlers=handlers)
+
+
+# Explicit save_interval_steps and create: orbax warns when read_only has to change them.
+_READ_ONLY = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
 
 
 def _restore_step(manager, directory, step):
@@ -73,24 +170,26 @@ def _restore_step(manager, directory, step):
 
 def read_meta(directory, step=None):
   """Returns the `meta` dict of a checkpoint (the latest step if `step` is None)."""
-  with _manager(directory, ocp.CheckpointManagerOptions(read_only=True)) as manager:
+  with _manager(directory, _READ_ONLY) as manager:
     step = _restore_step(manager, directory, step)
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
-def save_model(directory, model, model_config, step=0):
-  """Writes `model` (parameters and BN statistics) as step `step` of a checkpoint directory.
+def save_model(directory, model, config, step=0):
+  """Writes `model` (parameters and BN statistics) and its card as step `step` of a checkpoint directory.
 
   Args:
     directory: checkpoint directory (created if needed).
     model: the NNX model.
-    model_config: its `config.model`, stored in `meta` and checked by `restore_model`.
+    config: the full config; `config.model` is stored in `meta` and checked by `restore_model`, the
+      rest goes into the model card.
     step: the step number of the checkpoint.
   """
   with _manager(directory) as manager:
     manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
-        meta=ocp.args.JsonSave({'model': _to_dict(model_config), 'step': int(step)})), force=True)
+        meta=ocp.args.JsonSave({'model': _to_dict(config.model), 'step': int(step)}),
+        **{CARD_ITEM: ocp.args.JsonSave(model_card(config, step))}), force=True)
     manager.wait_until_finished()
 
 
@@ -110,7 +209,7 @@ def restore_model(directory, model_config, step=None, sharding=None, build=None)
   if build is None:
     from m2mrf_jax import models  # pylint: disable=g-import-not-at-top
     build = models.build
-  with _manager(directory, ocp.CheckpointManagerOptions(read_only=True)) as manager:
+  with _manager(directory, _READ_ONLY) as manager:
     step = _restore_step(manager, directory, step)
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     check_model_config(directory, meta['model'], model_config)
@@ -185,14 +284,18 @@ class TrainCheckpointer:
     Returns:
       Whether a checkpoint was started.
     """
+    card = model_card(self.config, step, metrics)
     items = dict(
         model=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model))),
         opt_state=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(optimizer))),
         meta=ocp.args.JsonSave({'model': _to_dict(self.config.model), 'step': int(step),
-                                'config': _to_dict(self.config)}))
-    if metrics is not None:
-      metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    return self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+                                'config': _to_dict(self.config)}),
+        **{CARD_ITEM: ocp.args.JsonSave(card)})
+    started = self.manager.save(step, args=ocp.args.Composite(**items),
+                                metrics=card['metrics'] if metrics is not None else None, force=force)
+    if started:
+      logging.info('checkpoint: step %d -> %s', step, self.directory / str(step))
+    return started
 
   def restore(self, model, optimizer, step=None):
     """Loads a training checkpoint into `model` and `optimizer` in place.

@@ -232,8 +232,9 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from m2mrf_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
+  from m2mrf_jax import checkpoints, console, models  # pylint: disable=g-import-not-at-top
   cfg = flags.FLAGS
+  console.setup(cfg.verbosity)
   config = cfg.config
   state = read_pth(cfg.input)
   if cfg.backbone_only:  # the rest of the model keeps its fresh initialisation
@@ -242,7 +243,7 @@ def main(argv):
   else:
     model = nnx.eval_shape(lambda: models.build(config.model, nnx.Rngs(0)))
     load_state_dict(model, state)
-  checkpoints.save_model(cfg.output, model, config.model)
+  checkpoints.save_model(cfg.output, model, config)
   logging.info('wrote %s', cfg.output)
 
 

@@ -165,7 +165,8 @@ def evaluate_checkpoint(config, workdir, checkpoint=''):
   """Scores a checkpoint (default: the latest in `workdir`) on `config.eval_split`; reports to `workdir`.
 
   Args:
-    config: the config; `config.model` must match the checkpoint's.
+    config: the config; `config.model` must match the checkpoint's, and the checkpoint's model card
+      (printed) must not contradict it (`checkpoints.checked_card`).
     workdir: where metrics.json, the table, the plots and the logs go (and the data is prepared).
     checkpoint: an orbax checkpoint directory (e.g. written by `m2mrf_jax.convert`).
 
@@ -173,6 +174,7 @@ def evaluate_checkpoint(config, workdir, checkpoint=''):
     The metrics dict.
   """
   directory = checkpoint or workdir
+  checkpoints.checked_card(directory, config)
   model = checkpoints.restore_model(directory, config.model)
   step = checkpoints.read_meta(directory)['step']
   data_dir = prepare.prepare(config.data, workdir)

@@ -2,6 +2,8 @@
 
 Config fields can be overridden on the command line, e.g. `--config.batch_size=8`; the config is
 locked, so an unknown key fails (ml_collections says "Did you mean ...").
+The console shows one line per log window, checkpoint and evaluation; the libraries' INFO lines (orbax,
+jax, grain, TFDS) come back with --verbosity=1, their DEBUG lines with --verbosity=2 (`console`).
 Multi-host: pass `--multihost` (or set M2MRF_MULTIHOST=1) on every process. On TPU pods, SLURM and
 Open MPI `jax.distributed.initialize()` discovers the job; elsewhere give --coordinator_address (process
 0's HOST:PORT), --num_processes and --process_id, or their variables (README, "Several hosts").
@@ -15,6 +17,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from m2mrf_jax import console
 from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
 from m2mrf_jax import inference
@@ -70,6 +73,7 @@ def parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.setup(FLAGS.verbosity)
   if FLAGS.multihost:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.initialization_timeout)

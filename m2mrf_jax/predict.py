@@ -288,6 +288,8 @@ def run(model: nnx.Module, data_config, inputs, output, *, window=None, stride=N
 
 def main(argv):
   from m2mrf_jax import checkpoints  # pylint: disable=g-import-not-at-top (slow import, after flags)
+  from m2mrf_jax import console  # pylint: disable=g-import-not-at-top
+  console.setup(FLAGS.verbosity)
   inputs = expand_inputs(argv[1:])
   if not FLAGS.checkpoint:
     raise app.UsageError('--checkpoint is required: an orbax checkpoint directory written by training '
@@ -303,6 +305,7 @@ def main(argv):
   if FLAGS.blend != 'mean' and not window:
     raise app.UsageError(f'--blend={FLAGS.blend} needs --window (whole-image inference has no windows)')
   config = FLAGS.config
+  checkpoints.checked_card(FLAGS.checkpoint, config)
   model = checkpoints.restore_model(FLAGS.checkpoint, config.model)
   failed = run(model, config.data, inputs, FLAGS.output, window=window, stride=stride,
                batch_size=FLAGS.batch_size, tta=FLAGS.tta or config.tta,

@@ -95,6 +95,8 @@ def test_cli_converts_an_mmseg_checkpoint_to_an_orbax_checkpoint(tmp_path, refer
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
 
+  card = checkpoints.read_card(out)  # the config given to the converter, no training
+  assert (card['variant'], card['width'], card['dataset'], card['training_steps']) == ('c', 18, 'idrid', 0)
   model = checkpoints.restore_model(out, common.model_config('c', 18))
   model.eval()
   x = images((61, 83), seed=5)

@@ -147,7 +147,7 @@ def test_cli_round_trip_with_a_folder_a_quoted_glob_and_the_new_options(tmp_path
   from configs import demo  # pylint: disable=g-import-not-at-top
   from m2mrf_jax import checkpoints, models  # pylint: disable=g-import-not-at-top
   config = demo.get_config()
-  checkpoints.save_model(tmp_path / 'ckpt', models.build(config.model, nnx.Rngs(0)), config.model)
+  checkpoints.save_model(tmp_path / 'ckpt', models.build(config.model, nnx.Rngs(0)), config)
   for folder, name, seed in [('photos', 'a.jpg', 1), ('photos', 'b.png', 2), ('more/deep', 'c.png', 3)]:
     (tmp_path / folder).mkdir(parents=True, exist_ok=True)
     Image.fromarray(marked_image((80, 120), seed)[0]).save(tmp_path / folder / name)

@@ -122,7 +122,11 @@ def run(model, config, inputs, output, batch_size=4):
 
 
 def main(argv):
-  from m2mrf_jax.grading import train  # pylint: disable=g-import-not-at-top (slow import, after flags)
+  # pylint: disable=g-import-not-at-top (slow imports, after flags)
+  from m2mrf_jax import checkpoints
+  from m2mrf_jax import console
+  from m2mrf_jax.grading import train
+  console.setup(FLAGS.verbosity)
   inputs = argv[1:]
   if not FLAGS.checkpoint:
     raise app.UsageError('--checkpoint is required: an orbax checkpoint directory of a grading run')
@@ -131,6 +135,7 @@ def main(argv):
   if not inputs:
     raise app.UsageError('no input images given')
   config = FLAGS.config
+  checkpoints.checked_card(FLAGS.checkpoint, config)
   model = train.restore(FLAGS.checkpoint, config.model)
   failed = run(model, config, inputs, FLAGS.output, batch_size=FLAGS.batch_size)
   logging.info('graded %d of %d images into %s', len(inputs) - len(failed), len(inputs), FLAGS.output)

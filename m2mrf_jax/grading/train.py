@@ -330,6 +330,7 @@ def train_and_evaluate(config, workdir):
 def evaluate_checkpoint(config, workdir, checkpoint=''):
   """Evaluates a grading checkpoint (default: the latest in `workdir`) on `config.eval_split`."""
   check_config(config)
+  checkpoints.checked_card(checkpoint or workdir, config)  # printed; refused if it contradicts config
   model = restore(checkpoint or workdir, config.model)
   data_dir = grading_pipeline.prepare(config.data, workdir)
   return evaluate_model(model, config, data_dir, config.eval_split, workdir)
