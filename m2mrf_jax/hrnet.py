@@ -49,43 +49,6 @@ def remat_call(module, x, remat=False):
   return module(x)
 
 
-def _same_layout(a, b):
-  """Whether modules `a` and `b` have one graph and equal state shapes (one compiled body serves both)."""
-  (ga, sa), (gb, sb) = nnx.split(a), nnx.split(b)
-  shapes = lambda s: jax.tree.map(lambda v: (v.shape, v.dtype), s)
-  return ga == gb and shapes(sa) == shapes(sb)
-
-
-def sequence_call(modules, x, remat=False):
-  """`x -> modules[-1](... modules[0](x))`; each run of identical modules as one `jax.lax.scan`.
-
-  Identical (same graph, same state shapes) consecutive modules are stacked at the call and scanned,
-  so XLA compiles one body per run instead of one per module; the module tree (and its checkpoint
-  keys) is unchanged and the BN statistics of each module are updated in place. With `remat`, each
-  module is rematerialised in the backward pass.
-  """
-  modules = list(modules)
-  while modules:
-    run = 1
-    while run < len(modules) and _same_layout(modules[0], modules[run]):
-      run += 1
-    if run == 1:
-      x = remat_call(modules[0], x, remat)
-    else:
-      graphdef = nnx.graphdef(modules[0])
-      stacked = jax.tree.map(lambda *v: jnp.stack(v), *(nnx.state(m) for m in modules[:run]))
-
-      def body(carry, state):
-        module = nnx.merge(graphdef, state)
-        return module(carry), nnx.state(module, nnx.BatchStat)
-
-      x, stats = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
-      for k, module in enumerate(modules[:run]):
-        nnx.update(module, jax.tree.map(lambda v, k=k: v[k], stats))
-    modules = modules[run:]
-  return x
-
-
 class BasicBlock(nnx.Module):
   """mmseg ResNet BasicBlock: conv3x3-BN-ReLU-conv3x3-BN + identity, ReLU."""
 
@@ -289,7 +252,7 @@ class HRModule(nnx.Module):
 
   def __call__(self, xs):
     """List of (N, H_i, W_i, C_i) -> list of the same shapes."""
-    xs = [sequence_call(branch, x) for branch, x in zip(self.branches, xs)]
+    xs = [branch(x) for branch, x in zip(self.branches, xs)]
     downs, guides = {}, {}
     for i, row in enumerate(self.fuse_layers):  # down paths first: up paths may need their guides
       for j in range(i):
@@ -351,11 +314,12 @@ class HRNet(nnx.Module):
   def __call__(self, x):
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = jax.nn.relu(self.bn2(self.conv2(x)))
-    x = sequence_call(self.layer1, x, self.remat)
+    x = remat_call(self.layer1, x, self.remat)
     xs = [x]
     for stage in (2, 3, 4):
       transition = getattr(self, f'transition{stage - 1}')
       # As mmseg: every transition layer present (a new branch, a channel change) reads the last branch.
       xs = [xs[i] if t is None else t(xs[-1]) for i, t in enumerate(transition)]
-      xs = sequence_call(getattr(self, f'stage{stage}'), xs, self.remat)
+      for module in getattr(self, f'stage{stage}'):
+        xs = remat_call(module, xs, self.remat)
     return xs
