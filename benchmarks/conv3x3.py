@@ -22,14 +22,15 @@ import torch
 MODULES = (8, 8, 7, 3)  # HRModules with each branch: stages 2-4 have (1, 4, 3) modules
 
 
+def _seconds(fn):
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def _median(fn, repeats):
   fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def main():
@@ -88,8 +89,8 @@ def main():
     run_torch()
     jax_times, torch_times = [], []
     for _ in range(args.repeats):
-      jax_times.append(_median(run_jax, 1))
-      torch_times.append(_median(run_torch, 1))
+      jax_times.append(_seconds(run_jax))
+      torch_times.append(_seconds(run_torch))
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
     flops = 2 * args.batch * hb * wb * 9 * c * c * (3 if args.backward else 1)
     count = 2 * 4 * modules
