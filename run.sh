@@ -16,6 +16,6 @@ fi
 . "$VENV/bin/activate"
 case "${1:-demo}" in
   demo) exec python -m m2mrf_jax.main --config=configs/demo.py --workdir="${WORKDIR:-workdir/demo}" ;;
-  test) shift; exec python -m pytest -n 2 -m "slow or not slow" "$@" ;;
+  test) shift; exec python -m pytest -n 2 -m "slow or not slow" --durations=15 "$@" ;;
   *) exec python -m m2mrf_jax.main "$@" ;;
 esac
