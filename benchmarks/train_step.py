@@ -7,9 +7,10 @@ decay, the poly schedule) and a PyTorch step of tests/torch_reference.py's state
 with the same recipe (torch.optim.SGD(lr 0.01, momentum 0.9, weight_decay 5e-4), the official sigmoid
 Dice per sample and class, train-mode BN), on the same random batch. After one warm-up step each, the two
 alternate for `--steps` timed steps; medians. Prints JAX and PyTorch ms per step, their ratio, the JAX
-compile seconds, XLA's memory estimate of the compiled step (arguments + temporaries) and the device's peak
-memory where the backend reports it (GPU/TPU). PyTorch runs on --threads threads (default: the cores);
-its column is empty where the JAX row is bfloat16 or rematerialised (no PyTorch counterpart).
+compile seconds (and their parts: JAX's tracing + lowering, XLA's compile), XLA's memory estimate of the
+compiled step (arguments + temporaries) and the device's peak memory where the backend reports it
+(GPU/TPU). PyTorch runs on --threads threads (default: the cores); its column is empty where the JAX row
+is bfloat16 or rematerialised (no PyTorch counterpart).
 """
 import argparse
 import itertools
@@ -43,7 +44,7 @@ def make_batch(batch_size, crop):
 
 
 def jax_step(variant, width, batch, bf16, remat):
-  """(run: () -> None, compile seconds, compiled memory GiB) of the JAX train step."""
+  """(run: () -> None, (trace + lower, XLA compile) seconds, compiled memory GiB) of the JAX step."""
   config = common.get_config('idrid', variant)
   config.model.width, config.model.dtype, config.model.remat = width, (
       'bfloat16' if bf16 else 'float32'), remat
@@ -54,8 +55,10 @@ def jax_step(variant, width, batch, bf16, remat):
   step = train.make_train_step(graphdef, losses.dice_loss, mesh, config.data.mean, config.data.std)
   batch = mesh_lib.global_batch(mesh, batch)
   start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  lowered = step.lower(state, batch)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = lower_s, time.perf_counter() - start - lower_s
   analysis = compiled.memory_analysis()
   compiled_gib = ((analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2**30
                   if analysis is not None else float('nan'))
@@ -118,7 +121,8 @@ def main():
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; HRNetV2-W'
         f'{args.width}, crop {args.crop}x{args.crop}, global batch {args.batch}, median of {args.steps} '
         f'alternated steps; load average {os.getloadavg()[0]:.1f}')
-  print(f'{"variant":8}{"bf16":>6}{"remat":>7}{"compile s":>11}{"JAX ms":>9}{"torch ms":>10}'
+  print(f'{"variant":8}{"bf16":>6}{"remat":>7}{"compile s":>11}{"(lower":>8}{"+ XLA)":>8}'
+        f'{"JAX ms":>9}{"torch ms":>10}'
         f'{"ratio":>7}{"XLA GiB":>9}{"peak GiB":>10}', flush=True)
   batch = make_batch(args.batch, args.crop)
   for variant in args.variants.split(','):
@@ -141,7 +145,8 @@ def main():
         torch_text = f'{torch_ms:10.0f}{jax_ms / torch_ms:7.2f}'
       stats = jax.devices()[0].memory_stats() or {}
       peak = stats.get('peak_bytes_in_use', float('nan')) / 2**30
-      print(f'{variant:8}{bf16!s:>6}{remat!s:>7}{compile_s:11.1f}{jax_ms:9.0f}{torch_text}'
+      print(f'{variant:8}{bf16!s:>6}{remat!s:>7}{sum(compile_s):11.1f}{compile_s[0]:8.1f}'
+            f'{compile_s[1]:8.1f}{jax_ms:9.0f}{torch_text}'
             f'{compiled_gib:9.2f}{peak:10.2f}', flush=True)
 
 
