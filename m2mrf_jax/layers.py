@@ -180,7 +180,7 @@ def pointwise(x, weight):
   return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (0,)), ((), ())))
 
 
-def _linear_taps(in_size: int, out_size: int):
+def linear_taps(in_size: int, out_size: int):
   """torch `upsample_bilinear2d` (align_corners=False) along one axis: (i0, i1, w0, w1), (out_size,).
 
   Output i reads input src = max(scale (i + 0.5) - 0.5, 0) as w0 x[i0] + w1 x[i1], i0 = floor(src),
@@ -204,7 +204,7 @@ def _resize_axis(x, axis: int, size: int):
   """
   if x.shape[axis] == size:
     return x
-  i0, i1, w0, w1 = _linear_taps(x.shape[axis], size)
+  i0, i1, w0, w1 = linear_taps(x.shape[axis], size)
 
   def interpolate(x):
     shape = [1] * x.ndim
@@ -248,7 +248,7 @@ def resize_bilinear_rows(x, size: Sequence[int], start, rows: int):
   """
   h, w = (int(s) for s in size)
   i0, i1, w0, w1 = (jax.lax.dynamic_slice_in_dim(jnp.asarray(t), start, rows)
-                    for t in _linear_taps(x.shape[1], h))
+                    for t in linear_taps(x.shape[1], h))
   if x.shape[1] == h:  # identity taps along the rows
     i0, i1, w0, w1 = jnp.arange(rows) + start, jnp.arange(rows) + start, jnp.ones(rows), jnp.zeros(rows)
   top, bottom = (_resize_axis(jnp.take(x, i, axis=1), 2, w) for i in (i0, i1))

@@ -124,7 +124,7 @@ def band_windows(in_rows: int, out_rows: int, band_rows: int):
     consecutive input rows that contains both taps of every band's rows.
   """
   rows = min(band_rows, out_rows)
-  i0, i1, _, _ = layers._linear_taps(in_rows, out_rows)  # pylint: disable=protected-access
+  i0, i1, _, _ = layers.linear_taps(in_rows, out_rows)
   starts = np.minimum(np.arange(-(-out_rows // rows)) * rows, out_rows - rows)
   window = max(int(i1[s + rows - 1] - i0[s]) + 1 for s in starts)
   return rows, window
@@ -139,7 +139,7 @@ def resized_probs(logits: jax.Array, size, start, rows: int, window: int) -> jax
   """
   h, w = size
   in_rows = logits.shape[1]
-  taps = layers._linear_taps(in_rows, h)  # pylint: disable=protected-access
+  taps = layers.linear_taps(in_rows, h)
   i0, i1, w0, w1 = (jnp.asarray(t) for t in taps)
   first = jnp.minimum(i0[start], in_rows - window)
   wide = layers.resize_bilinear(jax.lax.dynamic_slice_in_dim(logits, first, window, axis=1), (window, w))
