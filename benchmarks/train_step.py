@@ -56,9 +56,9 @@ def jax_step(variant, width, batch, bf16, remat):
   batch = mesh_lib.global_batch(mesh, batch)
   start = time.perf_counter()
   lowered = step.lower(state, batch)
-  lower_s = time.perf_counter() - start
+  lowered_at = time.perf_counter()
   compiled = lowered.compile()
-  compile_s = lower_s, time.perf_counter() - start - lower_s
+  compile_s = lowered_at - start, time.perf_counter() - lowered_at
   analysis = compiled.memory_analysis()
   compiled_gib = ((analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2**30
                   if analysis is not None else float('nan'))

@@ -8,7 +8,8 @@ CPU (jaxlib 0.10.2), W18-C train step at 256x256, batch 2: compile 77 -> 30 s, s
 W48 forward: see the README's Performance section. Gradients are not bit-identical (max difference
 1.6e-8) and as far from a float64 PyTorch reference as before (relative L2 1.12e-2 either way; PyTorch
 float32 7.2e-3). The option is part of XLA's `CPU_OPT_PRESET_FAST_COMPILE` preset, whose other change
-(a plain 1 / sqrt for rsqrt) doubles that gradient error, so it is set alone. Only XLA:CPU reads it.
+(a plain 1 / sqrt for rsqrt) doubles that gradient error, so it is set alone. It is an XLA:CPU option;
+whether the GPU and TPU compilers ignore it silently has not been run.
 
 XLA reads XLA_FLAGS once, when JAX creates its first backend: importing `m2mrf_jax` before any JAX
 computation is enough (every entry point does). A user's own `--xla_backend_extra_options` is kept
@@ -16,13 +17,14 @@ as given, without this option.
 """
 import os
 
-OPTION = '--xla_backend_extra_options=xla_cpu_flatten_after_fusion'
+FLAG = '--xla_backend_extra_options'
+OPTION = f'{FLAG}=xla_cpu_flatten_after_fusion'
 
 
 def with_option(flags: str | None) -> str:
-  """XLA_FLAGS `flags` with OPTION appended, unless they already set xla_backend_extra_options."""
+  """XLA_FLAGS `flags` with OPTION appended, unless they already set FLAG."""
   flags = (flags or '').strip()
-  if '--xla_backend_extra_options' in flags:
+  if FLAG in flags:
     return flags
   return f'{flags} {OPTION}'.strip()
 

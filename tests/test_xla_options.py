@@ -10,7 +10,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 # A shared callee (jax.nn.relu, lowered as one function called twice) between two elementwise ops:
 # fused into one loop when XLA inlines before fusing, kept apart (several fusions) when it inlines after.
 FUSIONS = """
-import re, sys
+import re
 import m2mrf_jax
 import jax, jax.numpy as jnp
 text = jax.jit(lambda x: jax.nn.relu(x * 3) + jax.nn.relu(x - 1)).lower(jnp.ones((8, 8))).compile().as_text()
