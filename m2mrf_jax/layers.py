@@ -4,6 +4,7 @@ Parameter names follow PyTorch (`weight`, `bias`, `running_mean`, `running_var`)
 and leaf names spell the mmsegmentation state_dict keys; only the layouts differ (conv kernels are HWIO).
 """
 from collections.abc import Callable, Sequence
+import functools
 import math
 
 from flax import nnx
@@ -130,23 +131,63 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x):
     """(..., C) -> (..., C) in the compute dtype; updates the running statistics in train mode."""
-    xf = x.astype(jnp.float32)
     if self.use_running_average:
-      mean, var = self.running_mean[...], self.running_var[...]
-    else:
-      axes = tuple(range(x.ndim - 1))
-      count = math.prod(x.shape[:-1])
-      if count < 2:
-        raise ValueError(f'BatchNorm in train mode needs more than 1 value per channel, got input '
-                         f'shape {x.shape} (as torch.nn.BatchNorm2d)')
-      mean = xf.mean(axes)
-      var = jnp.square(xf - mean).mean(axes)
-      m = self.momentum
-      # set_value, not `[...] =`: under tracing flax formats a costly message for each item store.
-      self.running_mean.set_value((1 - m) * self.running_mean[...] + m * mean)
-      self.running_var.set_value((1 - m) * self.running_var[...] + m * var * (count / (count - 1)))
-    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.weight[...] + self.bias[...]
+      inv = jax.lax.rsqrt(self.running_var[...] + self.eps)
+      y = (x.astype(jnp.float32) - self.running_mean[...]) * inv * self.weight[...] + self.bias[...]
+      return y.astype(self.dtype)
+    count = math.prod(x.shape[:-1])
+    if count < 2:
+      raise ValueError(f'BatchNorm in train mode needs more than 1 value per channel, got input '
+                       f'shape {x.shape} (as torch.nn.BatchNorm2d)')
+    y, mean, var = batch_norm_train(x, self.weight[...], self.bias[...], self.eps)
+    mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    m = self.momentum
+    # set_value, not `[...] =`: under tracing flax formats a costly message for each item store.
+    self.running_mean.set_value((1 - m) * self.running_mean[...] + m * mean)
+    self.running_var.set_value((1 - m) * self.running_var[...] + m * var * (count / (count - 1)))
     return y.astype(self.dtype)
+
+
+def _batch_norm_forward(x, weight, bias, eps):
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = xf.mean(axes)
+  var = jnp.square(xf - mean).mean(axes)
+  inv = jax.lax.rsqrt(var + eps)
+  return (xf - mean) * inv * weight + bias, mean, var, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, weight, bias, eps):
+  """(..., C) -> (y float32 (..., C), batch mean (C,), biased batch variance (C,)), over all but C.
+
+  Differentiable in `y` only: the closed-form backward of torch's native batch norm (two channel
+  reductions, one elementwise pass) in place of autodiff through the mean and variance, which costs
+  the train step more kernels and more compile time. The statistics' cotangents are dropped; callers
+  pass them through `stop_gradient`.
+  """
+  return _batch_norm_forward(x, weight, bias, eps)[:3]
+
+
+def _batch_norm_train_fwd(x, weight, bias, eps):
+  y, mean, var, inv = _batch_norm_forward(x, weight, bias, eps)
+  return (y, mean, var), (x, mean, inv, weight)
+
+
+def _batch_norm_train_bwd(eps, residuals, cotangents):
+  del eps
+  x, mean, inv, weight = residuals
+  g = cotangents[0].astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  count = math.prod(x.shape[:-1])
+  x_hat = (x.astype(jnp.float32) - mean) * inv
+  g_bias = g.sum(axes)
+  g_weight = (g * x_hat).sum(axes)
+  g_x = (weight * inv) * (g - (g_bias + x_hat * g_weight) / count)
+  return g_x.astype(x.dtype), g_weight, g_bias
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
 class Sequential(nnx.Module):

@@ -122,6 +122,32 @@ def test_batchnorm_train_and_eval_match_torch():
   np.testing.assert_array_equal(bn.running_mean[...], before)
 
 
+def test_batchnorm_train_gradients_match_torch():
+  """`layers.batch_norm_train` and its closed-form backward against torch's BatchNorm2d autograd."""
+  rng = np.random.RandomState(1)
+  x = rng.randn(2, 5, 7, 6).astype(np.float32) * 3 - 1
+  g = rng.randn(2, 5, 7, 6).astype(np.float32)
+  weight = rng.uniform(-1, 1, 6).astype(np.float32)
+  bias = rng.uniform(-1, 1, 6).astype(np.float32)
+  tx, tw, tb = (torch.tensor(a, requires_grad=True)
+                for a in (x.transpose(0, 3, 1, 2), weight, bias))
+  expected = torch.nn.functional.batch_norm(tx, None, None, tw, tb, training=True, eps=1e-5)
+  (expected * torch.from_numpy(g.transpose(0, 3, 1, 2))).sum().backward()
+
+  y, mean, var = layers.batch_norm_train(jnp.asarray(x), weight, bias, 1e-5)
+  np.testing.assert_allclose(y, expected.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5)
+  np.testing.assert_allclose(mean, x.mean((0, 1, 2)), atol=1e-6)
+  np.testing.assert_allclose(var, x.var((0, 1, 2)), rtol=1e-5)
+
+  def loss(x, weight, bias):
+    return (layers.batch_norm_train(x, weight, bias, 1e-5)[0] * g).sum()
+
+  gx, gw, gb = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), weight, bias)
+  np.testing.assert_allclose(gx, tx.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+  np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_train_and_eval_switch_every_batchnorm():
   model = _abstract('c')
   bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.BatchNorm)]
