@@ -22,6 +22,7 @@ from m2mrf_jax import distributed
 from m2mrf_jax import evaluate
 from m2mrf_jax import inference
 from m2mrf_jax import train
+from m2mrf_jax import xla_options
 from m2mrf_jax.grading import train as grading_train
 
 FLAGS = flags.FLAGS
@@ -55,6 +56,7 @@ flags.DEFINE_integer('num_processes', _env_int('M2MRF_NUM_PROCESSES'),
 flags.DEFINE_integer('process_id', _env_int('M2MRF_PROCESS_ID'),
                      '--multihost: this process, 0 .. num_processes - 1 (default $M2MRF_PROCESS_ID; '
                      'discovered on TPU pods, SLURM, Open MPI).')
+flags.DEFINE_string('jit_cache_dir', xla_options.CACHE_DIR, xla_options.CACHE_HELP)
 flags.DEFINE_integer('initialization_timeout', 300,
                      '--multihost: seconds to wait for the coordinator and every process.')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -74,6 +76,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.setup(FLAGS.verbosity)
+  xla_options.use_compilation_cache(FLAGS.jit_cache_dir)
   if FLAGS.multihost:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.initialization_timeout)

@@ -38,6 +38,7 @@ from data_pipelines.lesions import CLASSES
 from m2mrf_jax import inference
 from m2mrf_jax import layers
 from m2mrf_jax import visualize
+from m2mrf_jax import xla_options
 
 FLAGS = flags.FLAGS
 BLEND_MODES = ('mean', 'gaussian')  # how overlapping windows are blended (`blend_weights`)
@@ -54,6 +55,7 @@ flags.DEFINE_enum('tta', None, list(inference.TTA_MODES), 'Test-time augmentatio
 flags.DEFINE_bool('save_probabilities', False, 'Also write NAME_probs.npz: float16 (H, W, 4) '
                   'probabilities and the class names.')
 flags.DEFINE_integer('batch_size', 4, 'Images (or windows) per forward pass.')
+flags.DEFINE_string('jit_cache_dir', xla_options.CACHE_DIR, xla_options.CACHE_HELP)
 
 THRESHOLD = 0.5
 # What OpenCV's imread decodes (by file name suffix, lower case): the files taken from a folder.
@@ -290,6 +292,7 @@ def main(argv):
   from m2mrf_jax import checkpoints  # pylint: disable=g-import-not-at-top (slow import, after flags)
   from m2mrf_jax import console  # pylint: disable=g-import-not-at-top
   console.setup(FLAGS.verbosity)
+  xla_options.use_compilation_cache(FLAGS.jit_cache_dir)
   inputs = expand_inputs(argv[1:])
   if not FLAGS.checkpoint:
     raise app.UsageError('--checkpoint is required: an orbax checkpoint directory written by training '

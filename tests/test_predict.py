@@ -156,10 +156,12 @@ def test_cli_round_trip_with_a_folder_a_quoted_glob_and_the_new_options(tmp_path
       [sys.executable, '-m', 'm2mrf_jax.predict', '--config=configs/demo.py',
        f'--checkpoint={tmp_path / "ckpt"}', f'--output={tmp_path / "out"}', '--window=64,96',
        '--blend=gaussian', '--tta=flip', '--save_probabilities', '--batch_size=2',
-       str(tmp_path / 'photos'), f'{tmp_path}/more/**/*.png'],
+       f'--jit_cache_dir={tmp_path / "jit"}', str(tmp_path / 'photos'), f'{tmp_path}/more/**/*.png'],
       capture_output=True, text=True, timeout=600,
-      env={'JAX_PLATFORMS': 'cpu', 'PATH': '', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'})  # plumbing
+      env={'JAX_PLATFORMS': 'cpu', 'PATH': '', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1',  # plumbing
+           'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'})
   assert result.returncode == 1, result.stderr  # the broken file
+  assert list((tmp_path / 'jit').glob('jit__forward-*'))  # --jit_cache_dir reached JAX
   assert 'broken.png' in result.stderr and '1 of 4 inputs failed' in result.stderr
   for stem in ('a', 'b', 'c'):
     with np.load(tmp_path / 'out' / f'{stem}_probs.npz') as saved:

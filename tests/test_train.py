@@ -409,9 +409,10 @@ def test_demo_job_end_to_end(tmp_path):
        '--config.num_train_steps=2', '--config.log_every_steps=1', '--config.batch_size=2',
        '--config.data.synthetic_num_train=2', '--config.data.synthetic_num_test=1',
        '--config.data.synthetic_image_size=(64, 96)', '--config.data.img_scale=(96, 64)',
-       '--config.data.crop_size=(64, 64)'],
+       '--config.data.crop_size=(64, 64)', f'--jit_cache_dir={tmp_path / "jit"}'],
       cwd=ROOT, env=dict(os.environ, XLA_FLAGS=''), capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
+  assert [p.name for p in (tmp_path / 'jit').glob('jit_train_step-*')]  # --jit_cache_dir reached JAX
   records = [json.loads(line) for line in open(tmp_path / 'log.jsonl')]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2]
   scores = json.loads((tmp_path / 'metrics.json').read_text())

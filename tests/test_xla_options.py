@@ -1,7 +1,11 @@
-"""m2mrf_jax's XLA option: set by importing the package, reaching XLA:CPU, a user's own choice kept."""
+"""m2mrf_jax's XLA option (set by importing the package, reaching XLA:CPU, a user's own choice kept)
+and the persistent compilation cache of the command-line tools."""
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from m2mrf_jax import xla_options
 
@@ -47,3 +51,52 @@ def test_importing_the_package_sets_the_option_for_xla():
   # Importing m2mrf_jax, with no XLA_FLAGS or with others: the option reaches XLA:CPU.
   assert _fusions(None) > 1
   assert _fusions('--xla_force_host_platform_device_count=2') > 1
+
+
+# One compile in a fresh process: what use_compilation_cache returned, JAX's cache hits (its monitoring
+# events) and the files in the cache folders.
+CACHED = """
+import sys
+from m2mrf_jax import xla_options
+import jax, jax.numpy as jnp, numpy as np
+def product(x):
+  return jnp.sin(x) @ x.T
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event == '/jax/compilation_cache/cache_hits' else None)
+used = xla_options.use_compilation_cache(sys.argv[1])
+print(used, np.asarray(jax.jit(product)(np.ones((8, 8), np.float32))).sum(), len(hits))
+"""
+
+
+def _cached(tmp_path, directory, **env):
+  env = {**{k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'},
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, 'HOME': str(tmp_path / 'home'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0', **env}
+  out = subprocess.run([sys.executable, '-c', CACHED, directory], env=env, capture_output=True,
+                       text=True, check=True, timeout=300)
+  used, value, hits = out.stdout.split()
+  assert float(value) == pytest.approx(8 * 8 * 8 * np.sin(1.0), rel=1e-6)
+  return used, int(hits)
+
+
+def _entries(folder):
+  return sorted(p.name for p in folder.glob('jit_*')) if folder.exists() else []
+
+
+def test_compilation_cache_is_written_then_loaded_by_a_later_process(tmp_path):
+  cache = tmp_path / 'cache'
+  assert _cached(tmp_path, str(cache)) == (str(cache), 0)
+  assert [name.split('-')[0] for name in _entries(cache)] == ['jit_product']
+  assert _cached(tmp_path, str(cache)) == (str(cache), 1)  # the second process loads it
+
+
+def test_compilation_cache_defaults_expand_home_and_defer_to_the_users_variable(tmp_path):
+  home = tmp_path / 'home' / '.cache' / 'm2mrf_jax' / 'jit'
+  assert _cached(tmp_path, xla_options.CACHE_DIR) == (str(home), 0)  # '~' is expanded
+  assert _entries(home)
+  users = tmp_path / 'users'
+  assert _cached(tmp_path, str(tmp_path / 'ours'), JAX_COMPILATION_CACHE_DIR=str(users)) == (
+      str(users), 0)
+  assert _entries(users) and not _entries(tmp_path / 'ours')
+  assert _cached(tmp_path, '') == ('None', 0)  # '' = no cache
