@@ -54,7 +54,7 @@ def _start(workdir, processes, devices_per_process, *extra):
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_per_process}',
          'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
   command = [sys.executable, '-m', 'tests.multiprocess_job', '--config=configs/demo.py',
-             f'--workdir={workdir}', *OVERRIDES, *extra]
+             f'--workdir={workdir}', '--jit_cache_dir=', *OVERRIDES, *extra]  # no cache in ~/.cache
   if processes > 1:
     command += ['--multihost', f'--coordinator_address=127.0.0.1:{_free_port()}',
                 f'--num_processes={processes}', '--initialization_timeout=120']
