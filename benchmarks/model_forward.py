@@ -9,7 +9,8 @@ batch, the ratio JAX / PyTorch, the JAX compile seconds, XLA's FLOPs of the forw
 GFLOP/s of each as a share of the measured matmul peak (the faster of jnp and torch on a float32
 2048^3 matmul), and the max difference of the logits (scaled by the logit range) as a check that both
 run the same network. XLA:CPU runs on one thread per core; PyTorch gets `--threads` (default: the number
-of cores) through torch.set_num_threads, so that both use the same cores.
+of cores) through torch.set_num_threads, so that both use the same cores. Both sides share the
+process's allocator, so `m2mrf_jax.cpu_runtime` (on unless $M2MRF_JAX_CPU_RUNTIME=0) applies to both.
 """
 import argparse
 import os
@@ -59,6 +60,7 @@ def main():
   import torch
   from configs import common
   from m2mrf_jax import convert
+  from m2mrf_jax import cpu_runtime
   from m2mrf_jax import models
   import torch_reference
   # pylint: enable=g-import-not-at-top
@@ -68,8 +70,8 @@ def main():
   print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, torch {torch.__version__} '
         f'{torch.get_num_threads()} threads, jax {jax.__version__}; HRNetV2-W{args.width}, batch '
         f'{args.batch}, float32, eval, median of {args.repeats} alternated runs; matmul peak '
-        f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); load average '
-        f'{os.getloadavg()[0]:.1f}')
+        f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); cpu_runtime '
+        f'{"on" if cpu_runtime.applies() else "off"}; load average {os.getloadavg()[0]:.1f}')
   print(f'{"variant":8}{"size":>10}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}{"compile s":>10}'
         f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"max diff":>10}', flush=True)
 

@@ -10,7 +10,8 @@ alternate for `--steps` timed steps; medians. Prints JAX and PyTorch ms per step
 compile seconds (and their parts: JAX's tracing + lowering, XLA's compile), XLA's memory estimate of the
 compiled step (arguments + temporaries) and the device's peak memory where the backend reports it
 (GPU/TPU). PyTorch runs on --threads threads (default: the cores); its column is empty where the JAX row
-is bfloat16 or rematerialised (no PyTorch counterpart).
+is bfloat16 or rematerialised (no PyTorch counterpart). Both steps share the process's allocator, so
+`m2mrf_jax.cpu_runtime` (on unless $M2MRF_JAX_CPU_RUNTIME=0) applies to both.
 """
 import argparse
 import itertools
@@ -26,6 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
+from m2mrf_jax import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -120,7 +122,8 @@ def main():
   args = parser.parse_args()
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; HRNetV2-W'
         f'{args.width}, crop {args.crop}x{args.crop}, global batch {args.batch}, median of {args.steps} '
-        f'alternated steps; load average {os.getloadavg()[0]:.1f}')
+        f'alternated steps; cpu_runtime {"on" if cpu_runtime.applies() else "off"}; load average '
+        f'{os.getloadavg()[0]:.1f}')
   print(f'{"variant":8}{"bf16":>6}{"remat":>7}{"compile s":>11}{"(lower":>8}{"+ XLA)":>8}'
         f'{"JAX ms":>9}{"torch ms":>10}'
         f'{"ratio":>7}{"XLA GiB":>9}{"peak GiB":>10}', flush=True)

@@ -222,9 +222,33 @@ class Sequential(nnx.Module):
     return x
 
 
+@jax.custom_vjp
 def pointwise(x, weight):
-  """(..., C_in) @ (C_in, C_out) -> (..., C_out): a 1x1 conv as one dot_general over the channel axis."""
+  """(..., C_in) @ (C_in, C_out) -> (..., C_out): a 1x1 conv as one dot_general over the channel axis.
+
+  Its backward is autodiff's, but for C_in < C_out the kernel gradient x^T g transposes x, the smaller
+  operand, behind an optimization barrier: otherwise XLA:CPU transposes g, the larger one, inside the
+  loop fusion that computes g (the BatchNorm backward), 14 ms each for HRNet's 64 -> 256 convs, and
+  the W18 train step is 14% slower.
+  """
   return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _pointwise_fwd(x, weight):
+  return pointwise(x, weight), (x, weight)
+
+
+def _pointwise_bwd(residuals, g):
+  x, weight = residuals
+  g_x = jax.lax.dot_general(g, weight, (((g.ndim - 1,), (1,)), ((), ())))
+  x_t = x.reshape(-1, x.shape[-1]).T  # (C_in, pixels)
+  if weight.shape[0] < weight.shape[1]:
+    x_t = jax.lax.optimization_barrier(x_t)
+  g_w = jax.lax.dot_general(x_t, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())))
+  return g_x.astype(x.dtype), g_w.astype(weight.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def linear_taps(in_size: int, out_size: int):

@@ -148,6 +148,23 @@ def test_batchnorm_train_gradients_match_torch():
   np.testing.assert_allclose(gb, tb.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('c_in,c_out', [(3, 8), (8, 3), (5, 5)])
+def test_pointwise_and_its_gradients_match_numpy(c_in, c_out):
+  """`layers.pointwise` (a 1x1 conv) and its backward, whose kernel gradient has a barrier when
+  C_in < C_out, against the float64 matmuls y = x W, g_x = g W^T, g_W = x^T g."""
+  rng = np.random.RandomState(2)
+  x = rng.randn(2, 5, 7, c_in).astype(np.float32)
+  weight = rng.randn(c_in, c_out).astype(np.float32)
+  g = rng.randn(2, 5, 7, c_out).astype(np.float32)
+  y, vjp = jax.vjp(layers.pointwise, jnp.asarray(x), jnp.asarray(weight))
+  gx, gw = vjp(jnp.asarray(g))
+  x64, w64, g64 = (a.astype(np.float64) for a in (x, weight, g))
+  np.testing.assert_allclose(y, x64 @ w64, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gx, g64 @ w64.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gw, x64.reshape(-1, c_in).T @ g64.reshape(-1, c_out), rtol=1e-5,
+                             atol=1e-4)
+
+
 def test_train_and_eval_switch_every_batchnorm():
   model = _abstract('c')
   bns = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.BatchNorm)]

@@ -1,0 +1,57 @@
+"""m2mrf_jax's CPU runtime settings: importing the package makes repeated calls reuse their memory
+(no page faults once warm) and dispatch inline; $M2MRF_JAX_CPU_RUNTIME=0 leaves JAX's defaults."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from m2mrf_jax import cpu_runtime
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+MIB = 64
+
+# Five calls of a program whose result is a fresh 64 MiB array each call: the minor page faults of the
+# last four (resource.getrusage), the result checked against NumPy, and JAX's dispatch setting.
+FAULTS = f"""
+import resource, sys
+if sys.argv[1] == 'package':
+  import m2mrf_jax
+import jax, jax.numpy as jnp, numpy as np
+x = jnp.arange({MIB} * 2**18, dtype=jnp.float32)
+double = jax.jit(lambda x: x * 2)
+np.testing.assert_array_equal(np.asarray(double(x))[-3:], np.arange({MIB} * 2**18)[-3:] * 2.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+  y = double(x)
+  y.block_until_ready()
+  del y
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
+      jax.config.values['jax_cpu_enable_async_dispatch'])
+"""
+
+
+def _faults(mode, **env):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **env}
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', FAULTS, mode], env=env, capture_output=True,
+                       text=True, check=True, timeout=300)
+  faults, asynchronous = out.stdout.split()
+  return int(faults), asynchronous == 'True'
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's malloc settings")
+def test_importing_the_package_removes_the_page_faults_of_repeated_calls():
+  pages = 4 * MIB * 2**20 // os.sysconf('SC_PAGE_SIZE')  # four fresh 64 MiB results
+  plain, plain_async = _faults('jax')
+  assert plain >= 0.5 * pages and plain_async  # JAX's default: each result faulted in afresh
+  ours, ours_async = _faults('package')
+  assert ours < 0.05 * pages and not ours_async
+  opted_out, opted_out_async = _faults('package', **{cpu_runtime.OPT_OUT: '0'})
+  assert opted_out >= 0.5 * pages and opted_out_async
+
+
+def test_applies_unless_the_environment_opts_out():
+  assert cpu_runtime.applies({})
+  assert cpu_runtime.applies({cpu_runtime.OPT_OUT: '1'})
+  assert not cpu_runtime.applies({cpu_runtime.OPT_OUT: '0'})
