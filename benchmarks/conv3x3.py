@@ -7,17 +7,22 @@ for each shape: milliseconds of `lax.conv_general_dilated` (NHWC / HWIO, jitted)
 `F.conv2d` (NCHW, no_grad), alternated, medians; GFLOP/s of each as a share of the measured float32
 matmul peak; how many such convs the network runs (2 per BasicBlock, 4 blocks per branch and module).
 With --backward, the forward + backward of sum(conv(x) * g) w.r.t. input and kernel instead (3x the FLOPs).
-XLA_FLAGS are read as usual, so the same command compares XLA:CPU options.
+XLA_FLAGS are read as usual, so the same command compares XLA:CPU options. Importing `m2mrf_jax` sets
+its XLA option and `cpu_runtime` for both sides, as the package runs ($M2MRF_JAX_CPU_RUNTIME=0: off).
 """
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from m2mrf_jax import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODULES = (8, 8, 7, 3)  # HRModules with each branch: stages 2-4 have (1, 4, 3) modules
 
@@ -53,6 +58,7 @@ def main():
   print(f'HRNetV2-W{args.width} {h}x{w}, batch {args.batch}, 3x3 convs '
         f'{"forward + backward" if args.backward else "forward"}; torch {torch.get_num_threads()} '
         f'threads; matmul peak {peak:.0f} GFLOP/s; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; '
+        f'cpu_runtime {"on" if cpu_runtime.applies() else "off"}; '
         f'load average {os.getloadavg()[0]:.1f}')
   print(f'{"branch":>6}{"shape":>16}{"convs":>6}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}'
         f'{"JAX %pk":>8}{"torch %pk":>10}', flush=True)
