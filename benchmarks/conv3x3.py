@@ -58,7 +58,7 @@ def main():
   print(f'HRNetV2-W{args.width} {h}x{w}, batch {args.batch}, 3x3 convs '
         f'{"forward + backward" if args.backward else "forward"}; torch {torch.get_num_threads()} '
         f'threads; matmul peak {peak:.0f} GFLOP/s; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; '
-        f'cpu_runtime {"on" if cpu_runtime.applies() else "off"}; '
+        f'{cpu_runtime.describe()}; '
         f'load average {os.getloadavg()[0]:.1f}')
   print(f'{"branch":>6}{"shape":>16}{"convs":>6}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}'
         f'{"JAX %pk":>8}{"torch %pk":>10}', flush=True)

@@ -70,8 +70,8 @@ def main():
   print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, torch {torch.__version__} '
         f'{torch.get_num_threads()} threads, jax {jax.__version__}; HRNetV2-W{args.width}, batch '
         f'{args.batch}, float32, eval, median of {args.repeats} alternated runs; matmul peak '
-        f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); cpu_runtime '
-        f'{"on" if cpu_runtime.applies() else "off"}; load average {os.getloadavg()[0]:.1f}')
+        f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); '
+        f'{cpu_runtime.describe()}; load average {os.getloadavg()[0]:.1f}')
   print(f'{"variant":8}{"size":>10}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}{"compile s":>10}'
         f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"max diff":>10}', flush=True)
 

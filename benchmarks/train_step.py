@@ -122,7 +122,7 @@ def main():
   args = parser.parse_args()
   print(f'{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; HRNetV2-W'
         f'{args.width}, crop {args.crop}x{args.crop}, global batch {args.batch}, median of {args.steps} '
-        f'alternated steps; cpu_runtime {"on" if cpu_runtime.applies() else "off"}; load average '
+        f'alternated steps; {cpu_runtime.describe()}; load average '
         f'{os.getloadavg()[0]:.1f}')
   print(f'{"variant":8}{"bf16":>6}{"remat":>7}{"compile s":>11}{"(lower":>8}{"+ XLA)":>8}'
         f'{"JAX ms":>9}{"torch ms":>10}'

@@ -32,14 +32,19 @@ def applies(environ=os.environ) -> bool:
   return environ.get(OPT_OUT, '1') != '0'
 
 
-def apply() -> bool:
-  """Inline CPU dispatch, and glibc's malloc keeping large blocks; True if glibc took the settings."""
+def describe(environ=os.environ) -> str:
+  """'cpu_runtime on' or 'cpu_runtime off': the benchmarks' header."""
+  return f'cpu_runtime {"on" if applies(environ) else "off"}'
+
+
+def apply() -> None:
+  """Inline CPU dispatch, and glibc's malloc keeping large blocks (where the C library has mallopt)."""
   if not applies():
-    return False
+    return
   import jax  # pylint: disable=g-import-not-at-top (after xla_options has set XLA_FLAGS)
   jax.config.update('jax_cpu_enable_async_dispatch', False)
   mallopt = getattr(ctypes.CDLL(None), 'mallopt', None)  # the process's C library
-  if mallopt is None:
-    return False
-  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+  if mallopt is not None:
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, KEEP_BYTES)

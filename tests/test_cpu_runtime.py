@@ -55,3 +55,5 @@ def test_applies_unless_the_environment_opts_out():
   assert cpu_runtime.applies({})
   assert cpu_runtime.applies({cpu_runtime.OPT_OUT: '1'})
   assert not cpu_runtime.applies({cpu_runtime.OPT_OUT: '0'})
+  assert cpu_runtime.describe({}) == 'cpu_runtime on'
+  assert cpu_runtime.describe({cpu_runtime.OPT_OUT: '0'}) == 'cpu_runtime off'
