@@ -3,17 +3,20 @@
   python benchmarks/model_forward.py --variants=base,c --width=48 --sizes=384x576,956x1440
 
 For each (variant, size): the PyTorch statement (tests/torch_reference.py, randomised weights and BN
-statistics, eval mode, no_grad) and the jitted JAX model loaded with its state_dict (`convert`), timed in
-alternation (one JAX forward, one PyTorch forward, `--repeats` times; medians). Prints milliseconds per
-batch, the ratio JAX / PyTorch, the JAX compile seconds, XLA's FLOPs of the forward and the achieved
-GFLOP/s of each as a share of the measured matmul peak (the faster of jnp and torch on a float32
-2048^3 matmul), and the max difference of the logits (scaled by the logit range) as a check that both
-run the same network. XLA:CPU runs on one thread per core; PyTorch gets `--threads` (default: the number
-of cores) through torch.set_num_threads, so that both use the same cores. Both sides share the
-process's allocator, so `m2mrf_jax.cpu_runtime` (on unless $M2MRF_JAX_CPU_RUNTIME=0) applies to both.
+statistics, eval mode, no_grad) and the jitted JAX model loaded with its state_dict (`convert`), timed
+in alternation (one JAX forward, one PyTorch forward, `--repeats` times; medians). Prints milliseconds
+per batch, the ratio JAX / PyTorch, the JAX compile seconds, XLA's FLOPs of the forward and the achieved
+GFLOP/s of each as a share of the measured matmul peak (the faster of jnp and torch on a float32 2048^3
+matmul), the minor page faults of each side's median call (resource.getrusage: a call that faults its
+buffers in again pays the kernel's zeroing, see m2mrf_jax.cpu_runtime), and the max difference of the
+logits (scaled by the logit range) as a check that both run the same network. XLA:CPU runs on one thread
+per core; PyTorch gets `--threads` (default: the number of cores) through torch.set_num_threads, so that
+both use the same cores. Both sides share the process's allocator, so `m2mrf_jax.cpu_runtime` (on unless
+$M2MRF_JAX_CPU_RUNTIME=0) applies to both.
 """
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -29,6 +32,14 @@ def _matmul_peak(jax, jnp, torch, n=2048, repeats=5):
   at = torch.ones(n, n)
   torch_s = _median(lambda: at @ at, repeats)
   return 2 * n**3 / jax_s / 1e9, 2 * n**3 / torch_s / 1e9
+
+
+def _timed(fn):
+  """(seconds, minor page faults) of one call of `fn`."""
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def _median(fn, repeats):
@@ -73,7 +84,7 @@ def main():
         f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); '
         f'{cpu_runtime.describe()}; load average {os.getloadavg()[0]:.1f}')
   print(f'{"variant":8}{"size":>10}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}{"compile s":>10}'
-        f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"max diff":>10}', flush=True)
+        f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"faults":>14}{"max diff":>10}', flush=True)
 
   class FixedKey:  # shape inference only: every value is overwritten by the state_dict
     def params(self):
@@ -107,19 +118,16 @@ def main():
         actual = np.asarray(compiled(state, xj))
         diff = np.abs(actual - expected).max() / max(1.0, np.abs(expected).max())
         del expected, actual
-        jax_times, torch_times = [], []
+        jax_runs, torch_runs = [], []
         for _ in range(args.repeats):
-          start = time.perf_counter()
-          compiled(state, xj).block_until_ready()
-          jax_times.append(time.perf_counter() - start)
-          start = time.perf_counter()
-          reference(xt)
-          torch_times.append(time.perf_counter() - start)
-      jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+          jax_runs.append(_timed(lambda: compiled(state, xj).block_until_ready()))
+          torch_runs.append(_timed(lambda: reference(xt)))
+      (jax_s, jax_faults), (torch_s, torch_faults) = (sorted(runs)[len(runs) // 2]
+                                                      for runs in (jax_runs, torch_runs))
       share = lambda s: 100 * flops / s / 1e9 / peak
       print(f'{variant:8}{size:>10}{1e3 * jax_s:9.0f}{1e3 * torch_s:10.0f}{jax_s / torch_s:7.2f}'
             f'{compile_s:10.1f}{flops / 1e9:7.0f}{share(jax_s):7.0f}%{share(torch_s):9.0f}%'
-            f'{diff:10.1e}', flush=True)
+            f'{f"{jax_faults}/{torch_faults}":>14}{diff:10.1e}', flush=True)
 
 
 if __name__ == '__main__':

@@ -51,6 +51,41 @@ def test_importing_the_package_removes_the_page_faults_of_repeated_calls():
   assert opted_out >= 0.5 * pages and opted_out_async
 
 
+# Two allocations of 2.25 GiB from NumPy (the process's malloc, as XLA's buffers), each written whole:
+# the page faults of each (huge pages count one fault each). Above 2 GiB, mallopt's largest positive
+# trim threshold no longer keeps the freed heap (the W48 forward at 956x1440 peaks at 3.1 GiB).
+LARGE = """
+import ctypes, resource, sys
+import m2mrf_jax
+if len(sys.argv) > 1:  # a trim threshold set after the package's
+  mallopt = ctypes.CDLL(None).mallopt
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  mallopt(m2mrf_jax.cpu_runtime.M_TRIM_THRESHOLD, int(sys.argv[1]))
+import numpy as np
+faults = []
+for _ in range(2):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  a = np.ones(9 * 2**26, np.float32)
+  assert a[::4096].sum() == 9 * 2**14
+  del a
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's malloc settings")
+def test_freed_heap_is_kept_beyond_2_gib():
+  def faults(*threshold):
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+    out = subprocess.run([sys.executable, '-c', LARGE, *threshold], env=env, capture_output=True,
+                         text=True, check=True, timeout=300)
+    return [int(v) for v in out.stdout.split()]
+  first, again = faults()
+  assert first > 0 and again < 0.05 * first  # the second allocation reuses the first's pages
+  first, again = faults(str(2**31 - 1))  # the largest positive threshold: trimmed, faulted in again
+  assert again >= 0.5 * first
+
+
 def test_applies_unless_the_environment_opts_out():
   assert cpu_runtime.applies({})
   assert cpu_runtime.applies({cpu_runtime.OPT_OUT: '1'})
