@@ -12,7 +12,8 @@ float32 7.2e-3). The option is part of XLA's `CPU_OPT_PRESET_FAST_COMPILE` prese
 whether the GPU and TPU compilers ignore it silently has not been run.
 
 XLA reads XLA_FLAGS once, when JAX creates its first backend: importing `m2mrf_jax` before any JAX
-computation is enough (every entry point does). A user's own `--xla_backend_extra_options` is kept
+computation is enough (every entry point does); imported later, it warns (`backend_started`) that
+neither this option nor `cpu_runtime` applies to the process. A user's own `--xla_backend_extra_options` is kept
 as given, without this option.
 
 `use_compilation_cache`: the command-line tools (`main`, `predict`, `--jit_cache_dir`) keep JAX's
@@ -22,6 +23,7 @@ from the cache in 4.1 s; the W18-C train step (256x256, batch 2) loads in 60.0 s
 compiled: XLA:CPU's loading of that executable costs as much as compiling it.
 """
 import os
+import sys
 
 FLAG = '--xla_backend_extra_options'
 CACHE_DIR = os.path.join('~', '.cache', 'm2mrf_jax', 'jit')  # the tools' default `--jit_cache_dir`
@@ -42,6 +44,16 @@ def with_option(flags: str | None) -> str:
 def apply(environ=os.environ) -> None:
   """Sets `environ['XLA_FLAGS']` to `with_option` of its value."""
   environ['XLA_FLAGS'] = with_option(environ.get('XLA_FLAGS'))
+
+
+def backend_started() -> bool:
+  """Whether JAX has already created its backends, so that XLA_FLAGS (and JAX's CPU client settings)
+  were read without this package's: False until the first JAX computation."""
+  if 'jax' not in sys.modules:
+    return False
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top (no public query)
+  started = getattr(xla_bridge, 'backends_are_initialized', None)
+  return bool(started and started())
 
 
 def use_compilation_cache(directory: str) -> str | None:

@@ -53,6 +53,35 @@ def test_importing_the_package_sets_the_option_for_xla():
   assert _fusions('--xla_force_host_platform_device_count=2') > 1
 
 
+# Importing the package after a JAX computation: the warnings it raises, and the fusions XLA then makes
+# (one: the option did not reach it), as against importing it first.
+LATE = """
+import warnings
+import jax, jax.numpy as jnp
+if sys.argv[1] == 'late':
+  jnp.ones(3).block_until_ready()
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  import m2mrf_jax
+text = jax.jit(lambda x: jax.nn.relu(x * 3) + jax.nn.relu(x - 1)).lower(jnp.ones((8, 8))).compile().as_text()
+print(sum('imported after JAX started its backend' in str(w.message) for w in caught),
+      len(re.findall(r' fusion\\(', text)))
+"""
+
+
+@pytest.mark.parametrize('order', ['first', 'late'])
+def test_importing_the_package_after_a_jax_computation_warns_that_its_settings_are_lost(order):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', 'import re, sys\n' + LATE, order], env=env,
+                       capture_output=True, text=True, check=True, timeout=300)
+  warned, fusions = out.stdout.split()
+  if order == 'late':
+    assert int(warned) == 1 and int(fusions) == 1
+  else:
+    assert int(warned) == 0 and int(fusions) > 1
+
+
 # One compile in a fresh process: what use_compilation_cache returned, JAX's cache hits (its monitoring
 # events) and the files in the cache folders.
 CACHED = """
