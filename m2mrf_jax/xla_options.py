@@ -13,8 +13,9 @@ whether the GPU and TPU compilers ignore it silently has not been run.
 
 XLA reads XLA_FLAGS once, when JAX creates its first backend: importing `m2mrf_jax` before any JAX
 computation is enough (every entry point does); imported later, it warns (`backend_started`) that
-neither this option nor `cpu_runtime` applies to the process. A user's own `--xla_backend_extra_options` is kept
-as given, without this option.
+neither this option nor `cpu_runtime`'s inline dispatch (read with them) applies to the process (its
+malloc settings still do). A user's own `--xla_backend_extra_options` is kept as given, without this
+option.
 
 `use_compilation_cache`: the command-line tools (`main`, `predict`, `--jit_cache_dir`) keep JAX's
 persistent compilation cache, so that a second run of the same shapes loads what XLA compiled.
