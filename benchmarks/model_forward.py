@@ -43,13 +43,9 @@ def _timed(fn):
 
 
 def _median(fn, repeats):
+  """Median seconds of `repeats` calls of `fn`, after one untimed call."""
   fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(_timed(fn)[0] for _ in range(repeats))
 
 
 def main():

@@ -31,12 +31,17 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
 """
 
 
-def _faults(mode, **env):
+def _run(script, *args, **env):
+  """stdout of `script` in a fresh CPU process (no XLA_FLAGS) with `args` and extra `env`."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT, **env}
   env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', FAULTS, mode], env=env, capture_output=True,
+  out = subprocess.run([sys.executable, '-c', script, *args], env=env, capture_output=True,
                        text=True, check=True, timeout=300)
-  faults, asynchronous = out.stdout.split()
+  return out.stdout
+
+
+def _faults(mode, **env):
+  faults, asynchronous = _run(FAULTS, mode, **env).split()
   return int(faults), asynchronous == 'True'
 
 
@@ -75,11 +80,7 @@ print(*faults)
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's malloc settings")
 def test_freed_heap_is_kept_beyond_2_gib():
-  def faults(*threshold):
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
-    out = subprocess.run([sys.executable, '-c', LARGE, *threshold], env=env, capture_output=True,
-                         text=True, check=True, timeout=300)
-    return [int(v) for v in out.stdout.split()]
+  faults = lambda *threshold: [int(v) for v in _run(LARGE, *threshold).split()]
   first, again = faults()
   assert first > 0 and again < 0.05 * first  # the second allocation reuses the first's pages
   first, again = faults(str(2**31 - 1))  # the largest positive threshold: trimmed, faulted in again

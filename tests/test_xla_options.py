@@ -13,23 +13,30 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 # A shared callee (jax.nn.relu, lowered as one function called twice) between two elementwise ops:
 # fused into one loop when XLA inlines before fusing, kept apart (several fusions) when it inlines after.
+COUNT_FUSIONS = """
+text = jax.jit(lambda x: jax.nn.relu(x * 3) + jax.nn.relu(x - 1)).lower(jnp.ones((8, 8))).compile().as_text()
+fusions = len(re.findall(r' fusion\\(', text))
+"""
 FUSIONS = """
 import re
 import m2mrf_jax
 import jax, jax.numpy as jnp
-text = jax.jit(lambda x: jax.nn.relu(x * 3) + jax.nn.relu(x - 1)).lower(jnp.ones((8, 8))).compile().as_text()
-print(len(re.findall(r' fusion\\(', text)))
-"""
+""" + COUNT_FUSIONS + "print(fusions)\n"
 
 
-def _fusions(xla_flags):
+def _run(script, *args, xla_flags=None):
+  """stdout of `script` in a fresh CPU process with `args` and XLA_FLAGS `xla_flags` (None: unset)."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
   env.pop('XLA_FLAGS', None)
   if xla_flags is not None:
     env['XLA_FLAGS'] = xla_flags
-  out = subprocess.run([sys.executable, '-c', FUSIONS], env=env, capture_output=True, text=True,
-                       check=True, timeout=300)
-  return int(out.stdout.split()[-1])
+  out = subprocess.run([sys.executable, '-c', script, *args], env=env, capture_output=True,
+                       text=True, check=True, timeout=300)
+  return out.stdout
+
+
+def _fusions(xla_flags):
+  return int(_run(FUSIONS, xla_flags=xla_flags).split()[-1])
 
 
 def test_with_option_appends_once_and_keeps_a_users_extra_options():
@@ -56,26 +63,21 @@ def test_importing_the_package_sets_the_option_for_xla():
 # Importing the package after a JAX computation: the warnings it raises, and the fusions XLA then makes
 # (one: the option did not reach it), as against importing it first.
 LATE = """
-import warnings
+import re, sys, warnings
 import jax, jax.numpy as jnp
 if sys.argv[1] == 'late':
   jnp.ones(3).block_until_ready()
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter('always')
   import m2mrf_jax
-text = jax.jit(lambda x: jax.nn.relu(x * 3) + jax.nn.relu(x - 1)).lower(jnp.ones((8, 8))).compile().as_text()
-print(sum('imported after JAX started its backend' in str(w.message) for w in caught),
-      len(re.findall(r' fusion\\(', text)))
+""" + COUNT_FUSIONS + """
+print(sum('imported after JAX started its backend' in str(w.message) for w in caught), fusions)
 """
 
 
 @pytest.mark.parametrize('order', ['first', 'late'])
 def test_importing_the_package_after_a_jax_computation_warns_that_its_settings_are_lost(order):
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': ROOT}
-  env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', 'import re, sys\n' + LATE, order], env=env,
-                       capture_output=True, text=True, check=True, timeout=300)
-  warned, fusions = out.stdout.split()
+  warned, fusions = _run(LATE, order).split()
   if order == 'late':
     assert int(warned) == 1 and int(fusions) == 1
   else:
