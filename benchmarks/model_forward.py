@@ -12,13 +12,18 @@ buffers in again pays the kernel's zeroing, see m2mrf_jax.cpu_runtime), and the 
 logits (scaled by the logit range) as a check that both run the same network. XLA:CPU runs on one thread
 per core; PyTorch gets `--threads` (default: the number of cores) through torch.set_num_threads, so that
 both use the same cores. Both sides share the process's allocator, so `m2mrf_jax.cpu_runtime` (on unless
-$M2MRF_JAX_CPU_RUNTIME=0) applies to both.
+$M2MRF_JAX_CPU_RUNTIME=0) applies to both. `--torch_process=own` runs the PyTorch side instead in a
+process of its own, with glibc's malloc defaults, as the official tools run (it never imports m2mrf_jax):
+the same weights (a saved state_dict), the same input, still one JAX forward then one PyTorch forward,
+and the logits check against that process's output.
 """
 import argparse
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
@@ -48,6 +53,78 @@ def _median(fn, repeats):
   return statistics.median(_timed(fn)[0] for _ in range(repeats))
 
 
+def _input(batch, h, w):
+  """The benchmark's input (batch, h, w, 3) float32, the same in every process."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.random.default_rng(0).standard_normal((batch, h, w, 3)).astype(np.float32)
+
+
+def serve_torch(args):
+  """The PyTorch side of --torch_process=own, on stdin/stdout.
+
+  Loads the state_dict saved at `args.weights` into the PyTorch statement of `args.variants`, then per
+  line: 'size B H W OUT' saves the logits (B, H, W, classes) of that input to OUT.npy ('ready');
+  'run' times one forward ('SECONDS FAULTS').
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.threads)
+  reference = torch_reference.build_torch_model(args.variants, args.width)
+  reference.load_state_dict(torch.load(args.weights))
+  reference.eval()
+  with torch.no_grad():
+    for line in sys.stdin:
+      command, *fields = line.split()
+      if command == 'size':
+        batch, h, w = (int(v) for v in fields[:3])
+        x = np.ascontiguousarray(_input(batch, h, w).transpose(0, 3, 1, 2))
+        xt = torch.from_numpy(x)
+        np.save(fields[3], reference(xt).numpy().transpose(0, 2, 3, 1))
+        print('ready', flush=True)
+      else:
+        print(*_timed(lambda: reference(xt)), flush=True)
+
+
+class TorchProcess:
+  """The PyTorch statement with `reference`'s weights in a child process (`serve_torch`)."""
+
+  def __init__(self, reference, variant, args, directory):
+    import torch  # pylint: disable=g-import-not-at-top
+    weights = os.path.join(directory, 'weights.pt')
+    torch.save(reference.state_dict(), weights)
+    env = {k: v for k, v in os.environ.items() if k != 'M2MRF_JAX_CPU_RUNTIME'}
+    self._directory = directory
+    self._child = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), '--torch_process=serve', f'--variants={variant}',
+         f'--width={args.width}', f'--threads={args.threads}', f'--weights={weights}'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+
+  def _ask(self, line):
+    self._child.stdin.write(line + '\n')
+    self._child.stdin.flush()
+    reply = self._child.stdout.readline()
+    if not reply:
+      raise RuntimeError(f'the PyTorch process exited ({self._child.wait()}) after {line!r}')
+    return reply.split()
+
+  def logits(self, batch, h, w):
+    """(batch, h, w, classes) logits of `_input(batch, h, w)`; later `run`s time that input."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    out = os.path.join(self._directory, 'logits.npy')
+    self._ask(f'size {batch} {h} {w} {out}')
+    return np.load(out)
+
+  def run(self):
+    """(seconds, minor page faults) of one forward in the child."""
+    seconds, faults = self._ask('run')
+    return float(seconds), int(faults)
+
+  def close(self):
+    self._child.stdin.close()
+    self._child.wait()
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--variants', default='base,c')
@@ -56,9 +133,15 @@ def main():
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--repeats', type=int, default=3, help='timed forwards of each (medians)')
   parser.add_argument('--threads', type=int, default=os.cpu_count())
+  parser.add_argument('--torch_process', choices=('same', 'own', 'serve'), default='same',
+                      help="PyTorch in this process, or in one of its own (glibc's defaults); "
+                           "serve: that process's side")
+  parser.add_argument('--weights', help='(serve) the state_dict to load')
   args = parser.parse_args()
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  if args.torch_process == 'serve':
+    return serve_torch(args)
   # pylint: disable=g-import-not-at-top
   from flax import nnx
   import jax
@@ -78,9 +161,11 @@ def main():
         f'{torch.get_num_threads()} threads, jax {jax.__version__}; HRNetV2-W{args.width}, batch '
         f'{args.batch}, float32, eval, median of {args.repeats} alternated runs; matmul peak '
         f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); '
-        f'{cpu_runtime.describe()}; load average {os.getloadavg()[0]:.1f}')
+        f'{cpu_runtime.describe()}; PyTorch in '
+        f'{"this process" if args.torch_process == "same" else "its own process (glibc defaults)"}; '
+        f'load average {os.getloadavg()[0]:.1f}')
   print(f'{"variant":8}{"size":>10}{"JAX ms":>9}{"torch ms":>10}{"ratio":>7}{"compile s":>10}'
-        f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"faults":>14}{"max diff":>10}', flush=True)
+        f'{"GFLOP":>7}{"JAX %pk":>8}{"torch %pk":>10}{"faults":>16}{"max diff":>10}', flush=True)
 
   class FixedKey:  # shape inference only: every value is overwritten by the state_dict
     def params(self):
@@ -98,9 +183,12 @@ def main():
     model.eval()
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
+    directory = tempfile.TemporaryDirectory()
+    child = (TorchProcess(reference, variant, args, directory.name)
+             if args.torch_process == 'own' else None)
     for size in args.sizes.split(','):
       h, w = (int(v) for v in size.split('x'))
-      x = np.random.default_rng(0).standard_normal((args.batch, h, w, 3)).astype(np.float32)
+      x = _input(args.batch, h, w)
       xj = jnp.asarray(x)
       xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
       start = time.perf_counter()
@@ -110,20 +198,28 @@ def main():
       cost = cost[0] if isinstance(cost, (list, tuple)) else cost
       flops = cost.get('flops', float('nan'))
       with torch.no_grad():
-        expected = reference(xt).numpy().transpose(0, 2, 3, 1)
+        if child:
+          expected = child.logits(args.batch, h, w)
+          torch_run = child.run
+        else:
+          expected = reference(xt).numpy().transpose(0, 2, 3, 1)
+          torch_run = lambda: _timed(lambda: reference(xt))
         actual = np.asarray(compiled(state, xj))
         diff = np.abs(actual - expected).max() / max(1.0, np.abs(expected).max())
         del expected, actual
         jax_runs, torch_runs = [], []
         for _ in range(args.repeats):
           jax_runs.append(_timed(lambda: compiled(state, xj).block_until_ready()))
-          torch_runs.append(_timed(lambda: reference(xt)))
+          torch_runs.append(torch_run())
       (jax_s, jax_faults), (torch_s, torch_faults) = (sorted(runs)[len(runs) // 2]
                                                       for runs in (jax_runs, torch_runs))
       share = lambda s: 100 * flops / s / 1e9 / peak
       print(f'{variant:8}{size:>10}{1e3 * jax_s:9.0f}{1e3 * torch_s:10.0f}{jax_s / torch_s:7.2f}'
             f'{compile_s:10.1f}{flops / 1e9:7.0f}{share(jax_s):7.0f}%{share(torch_s):9.0f}%'
-            f'{f"{jax_faults}/{torch_faults}":>14}{diff:10.1e}', flush=True)
+            f'{f"{jax_faults}/{torch_faults}":>16}{diff:10.1e}', flush=True)
+    if child:
+      child.close()
+    directory.cleanup()
 
 
 if __name__ == '__main__':
