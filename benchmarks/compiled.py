@@ -20,6 +20,21 @@ def compile_forward(model, x):
   return lambda: compiled(state, x).block_until_ready(), compile_s, flops
 
 
+def matmul_size():
+  """The side of the square matmul that measures a device's peak: 2048 on CPU, else 8192."""
+  return 2048 if jax.devices()[0].platform == 'cpu' else 8192
+
+
+def matmul_rate(dtype, repeats=5):
+  """FLOP/s of a jitted `matmul_size()`-square matmul in `dtype` on the first device (median)."""
+  n = matmul_size()
+  a = jax.numpy.ones((n, n), dtype)
+  mm = jax.jit(lambda a: a @ a)
+  run = lambda: mm(a).block_until_ready()
+  run()
+  return 2 * n**3 / median_seconds(run, repeats)
+
+
 def median_seconds(fn, repeats):
   """Median wall time of `repeats` calls of `fn` (after the caller's warm-up)."""
   times = []

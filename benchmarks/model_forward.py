@@ -1,6 +1,7 @@
 """Forward time of the segmentor, JAX against the PyTorch statement with the same weights, one process.
 
   python benchmarks/model_forward.py --variants=base,c --width=48 --sizes=384x576,956x1440
+  python benchmarks/model_forward.py --variants=c --sizes=960x1440 --batch=4 --bf16   # a GPU
 
 For each (variant, size): the PyTorch statement (tests/torch_reference.py, randomised weights and BN
 statistics, eval mode, no_grad) and the jitted JAX model loaded with its state_dict (`convert`), timed
@@ -11,7 +12,9 @@ matmul), the minor page faults of each side's median call (resource.getrusage: a
 buffers in again pays the kernel's zeroing, see m2mrf_jax.cpu_runtime), and the max difference of the
 logits (scaled by the logit range) as a check that both run the same network. XLA:CPU runs on one thread
 per core; PyTorch gets `--threads` (default: the number of cores) through torch.set_num_threads, so that
-both use the same cores. Both sides share the process's allocator, so `m2mrf_jax.cpu_runtime` (on unless
+both use the same cores. PyTorch runs on `--torch_device` (CUDA where torch has it, else the CPU), each
+forward waited for. `--bf16`: JAX computes in bfloat16 (config.model.dtype, float32 parameters) and
+PyTorch under torch.autocast(bfloat16); the peak is then the bfloat16 matmul's. Both sides share the process's allocator, so `m2mrf_jax.cpu_runtime` (on unless
 $M2MRF_JAX_CPU_RUNTIME=0) applies to both. `--torch_process=own` runs the PyTorch side instead in a
 process of its own, with glibc's malloc defaults, as the official tools run (it never imports m2mrf_jax):
 the same weights (a saved state_dict), the same input, still one JAX forward then one PyTorch forward,
@@ -29,14 +32,21 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 
-def _matmul_peak(jax, jnp, torch, n=2048, repeats=5):
-  """Measured float32 matmul GFLOP/s: (jnp, torch)."""
-  a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
-  jax_s = _median(lambda: mm(a).block_until_ready(), repeats)
-  at = torch.ones(n, n)
-  torch_s = _median(lambda: at @ at, repeats)
-  return 2 * n**3 / jax_s / 1e9, 2 * n**3 / torch_s / 1e9
+def _matmul_peak(jnp, torch, device, bf16, repeats=5):
+  """Measured square-matmul GFLOP/s in the benchmark's dtype (`compiled.matmul_rate`): (jnp, torch)."""
+  from benchmarks import compiled  # pylint: disable=g-import-not-at-top (after sys.path has ROOT)
+  n = compiled.matmul_size()
+  at = torch.ones(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+  torch_s = _median(lambda: _wait(torch, at @ at), repeats)
+  return (compiled.matmul_rate(jnp.bfloat16 if bf16 else jnp.float32, repeats) / 1e9,
+          2 * n**3 / torch_s / 1e9)
+
+
+def _wait(torch, result):
+  """`result` once its device has finished (torch.cuda.synchronize on CUDA)."""
+  if result.is_cuda:
+    torch.cuda.synchronize(result.device)
+  return result
 
 
 def _timed(fn):
@@ -70,20 +80,38 @@ def serve_torch(args):
   import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
+  device = _torch_device(torch, args.torch_device)
   reference = torch_reference.build_torch_model(args.variants, args.width)
   reference.load_state_dict(torch.load(args.weights))
-  reference.eval()
+  reference.eval().to(device)
+  forward = _torch_forward(torch, reference, args.bf16)
   with torch.no_grad():
     for line in sys.stdin:
       command, *fields = line.split()
       if command == 'size':
         batch, h, w = (int(v) for v in fields[:3])
         x = np.ascontiguousarray(_input(batch, h, w).transpose(0, 3, 1, 2))
-        xt = torch.from_numpy(x)
-        np.save(fields[3], reference(xt).numpy().transpose(0, 2, 3, 1))
+        xt = torch.from_numpy(x).to(device)
+        np.save(fields[3], forward(xt).float().cpu().numpy().transpose(0, 2, 3, 1))
         print('ready', flush=True)
       else:
-        print(*_timed(lambda: reference(xt)), flush=True)
+        print(*_timed(lambda: forward(xt)), flush=True)
+
+
+def _torch_device(torch, name):
+  """The torch device of --torch_device: 'auto' is CUDA where torch has it, else the CPU."""
+  return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
+
+
+def _torch_forward(torch, reference, bf16):
+  """x -> logits of `reference`, under bfloat16 autocast if `bf16`, waited for."""
+  device_type = next(reference.parameters()).device.type
+
+  def forward(x):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+      return _wait(torch, reference(x))
+
+  return forward
 
 
 class TorchProcess:
@@ -97,7 +125,8 @@ class TorchProcess:
     self._directory = directory
     self._child = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), '--torch_process=serve', f'--variants={variant}',
-         f'--width={args.width}', f'--threads={args.threads}', f'--weights={weights}'],
+         f'--width={args.width}', f'--threads={args.threads}', f'--weights={weights}',
+         f'--torch_device={args.torch_device}'] + ['--bf16'] * args.bf16,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
   def _ask(self, line):
@@ -137,6 +166,8 @@ def main():
                       help="PyTorch in this process, or in one of its own (glibc's defaults); "
                            "serve: that process's side")
   parser.add_argument('--weights', help='(serve) the state_dict to load')
+  parser.add_argument('--torch_device', default='auto', help="'auto': CUDA where torch has it")
+  parser.add_argument('--bf16', action='store_true', help='bfloat16 compute on both sides')
   args = parser.parse_args()
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
@@ -155,12 +186,14 @@ def main():
   import torch_reference
   # pylint: enable=g-import-not-at-top
   torch.set_num_threads(args.threads)
-  jax_peak, torch_peak = _matmul_peak(jax, jnp, torch)
+  device = _torch_device(torch, args.torch_device)
+  jax_peak, torch_peak = _matmul_peak(jnp, torch, device, args.bf16)
   peak = max(jax_peak, torch_peak)
-  print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, torch {torch.__version__} '
-        f'{torch.get_num_threads()} threads, jax {jax.__version__}; HRNetV2-W{args.width}, batch '
-        f'{args.batch}, float32, eval, median of {args.repeats} alternated runs; matmul peak '
-        f'{peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); '
+  dtype = 'bfloat16' if args.bf16 else 'float32'
+  print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, torch {torch.__version__} on '
+        f'{device} ({torch.get_num_threads()} threads), jax {jax.__version__}; HRNetV2-W{args.width}, '
+        f'batch {args.batch}, {dtype}, eval, median of {args.repeats} alternated runs; {dtype} matmul '
+        f'peak {peak:.0f} GFLOP/s (jnp {jax_peak:.0f}, torch {torch_peak:.0f}); '
         f'{cpu_runtime.describe()}; PyTorch in '
         f'{"this process" if args.torch_process == "same" else "its own process (glibc defaults)"}; '
         f'load average {os.getloadavg()[0]:.1f}')
@@ -175,8 +208,9 @@ def main():
     torch.manual_seed(0)
     reference = torch_reference.randomize_(
         torch_reference.build_torch_model(variant, args.width), seed=1)
-    abstract = nnx.eval_shape(lambda: models.build(common.model_config(variant, args.width),
-                                                   FixedKey()))
+    model_config = common.model_config(variant, args.width)
+    model_config.dtype = dtype
+    abstract = nnx.eval_shape(lambda: models.build(model_config, FixedKey()))
     graphdef, state = nnx.split(abstract)
     model = nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state))
     convert.load_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
@@ -186,11 +220,13 @@ def main():
     directory = tempfile.TemporaryDirectory()
     child = (TorchProcess(reference, variant, args, directory.name)
              if args.torch_process == 'own' else None)
+    reference.to(device)
+    torch_forward = _torch_forward(torch, reference, args.bf16)
     for size in args.sizes.split(','):
       h, w = (int(v) for v in size.split('x'))
       x = _input(args.batch, h, w)
       xj = jnp.asarray(x)
-      xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+      xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
       start = time.perf_counter()
       compiled = forward.lower(state, xj).compile()
       compile_s = time.perf_counter() - start
@@ -202,9 +238,9 @@ def main():
           expected = child.logits(args.batch, h, w)
           torch_run = child.run
         else:
-          expected = reference(xt).numpy().transpose(0, 2, 3, 1)
-          torch_run = lambda: _timed(lambda: reference(xt))
-        actual = np.asarray(compiled(state, xj))
+          expected = torch_forward(xt).float().cpu().numpy().transpose(0, 2, 3, 1)
+          torch_run = lambda: _timed(lambda: torch_forward(xt))
+        actual = np.asarray(compiled(state, xj)).astype(np.float32)
         diff = np.abs(actual - expected).max() / max(1.0, np.abs(expected).max())
         del expected, actual
         jax_runs, torch_runs = [], []

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On a lent GPU machine (the device tool): W48-C forward and train step against the PyTorch statement on
+# the same GPU, float32 and bfloat16, at the IDRiD training crop (960x1440) and global batch 4. Run
+# benchmarks/gpu_wheels.sh here first, then carry .whl:
+#   run(command='bash benchmarks/gpu.sh', carry=['.whl'], timeout_s=600)
+# The figures also go to $OUT/gpu.txt. Each benchmark has its own time limit, so that one that hangs
+# leaves the others their time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import m2mrf_jax, jax, flax, torch; print("jax", jax.__version__, jax.devices(),
+    "flax", flax.__version__, "torch", torch.__version__, torch.cuda.is_available())'
+  timeout 120 python3 benchmarks/model_forward.py --variants=c --width=48 --sizes=960x1440 --batch=4 \
+      --repeats=10
+  timeout 120 python3 benchmarks/model_forward.py --variants=c --width=48 --sizes=960x1440 --batch=4 \
+      --repeats=10 --bf16
+  timeout 320 python3 benchmarks/train_step.py --variants=c --width=48 --crop=960x1440 --batch=4 \
+      --steps=10 --bf16=both
+} 2>&1 | tee "${OUT:-/tmp}/gpu.txt"
