@@ -4,12 +4,14 @@
 # benchmarks/gpu_wheels.sh here first, then carry .whl:
 #   run(command='bash benchmarks/gpu.sh', carry=['.whl'], timeout_s=600)
 # The figures also go to $OUT/gpu.txt. Each benchmark has its own time limit, so that one that hangs
-# leaves the others their time.
+# leaves the others their time. JAX allocates on demand (no 75% preallocation), so that PyTorch in the
+# same process has the rest of the GPU's memory. Float32 rows are each side at its default precision:
+# XLA's DEFAULT and cuDNN's allow_tf32 may both use TF32 for float32 convolutions.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import m2mrf_jax, jax, flax, torch; print("jax", jax.__version__, jax.devices(),
