@@ -121,13 +121,12 @@ class TorchProcess:
     import torch  # pylint: disable=g-import-not-at-top
     weights = os.path.join(directory, 'weights.pt')
     torch.save(reference.state_dict(), weights)
-    env = {k: v for k, v in os.environ.items() if k != 'M2MRF_JAX_CPU_RUNTIME'}
     self._directory = directory
     self._child = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), '--torch_process=serve', f'--variants={variant}',
          f'--width={args.width}', f'--threads={args.threads}', f'--weights={weights}',
          f'--torch_device={args.torch_device}'] + ['--bf16'] * args.bf16,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
   def _ask(self, line):
     self._child.stdin.write(line + '\n')
