@@ -14,8 +14,8 @@ logits (scaled by the logit range) as a check that both run the same network. XL
 per core; PyTorch gets `--threads` (default: the number of cores) through torch.set_num_threads, so that
 both use the same cores. PyTorch runs on `--torch_device` (CUDA where torch has it, else the CPU), each
 forward waited for. `--bf16`: JAX computes in bfloat16 (config.model.dtype, float32 parameters) and
-PyTorch under torch.autocast(bfloat16); the peak is then the bfloat16 matmul's. Both sides share the process's allocator, so `m2mrf_jax.cpu_runtime` (on unless
-$M2MRF_JAX_CPU_RUNTIME=0) applies to both. `--torch_process=own` runs the PyTorch side instead in a
+PyTorch under torch.autocast(bfloat16); the peak is then the bfloat16 matmul's. Both sides share the
+process's allocator, so `m2mrf_jax.cpu_runtime` (on unless $M2MRF_JAX_CPU_RUNTIME=0) applies to both. `--torch_process=own` runs the PyTorch side instead in a
 process of its own, with glibc's malloc defaults, as the official tools run (it never imports m2mrf_jax):
 the same weights (a saved state_dict), the same input, still one JAX forward then one PyTorch forward,
 and the logits check against that process's output.
@@ -37,12 +37,12 @@ def _matmul_peak(jnp, torch, device, bf16, repeats=5):
   from benchmarks import compiled  # pylint: disable=g-import-not-at-top (after sys.path has ROOT)
   n = compiled.matmul_size()
   at = torch.ones(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-  torch_s = _median(lambda: _wait(torch, at @ at), repeats)
+  torch_s = _median(lambda: wait(torch, at @ at), repeats)
   return (compiled.matmul_rate(jnp.bfloat16 if bf16 else jnp.float32, repeats) / 1e9,
           2 * n**3 / torch_s / 1e9)
 
 
-def _wait(torch, result):
+def wait(torch, result):
   """`result` once its device has finished (torch.cuda.synchronize on CUDA)."""
   if result.is_cuda:
     torch.cuda.synchronize(result.device)
@@ -80,7 +80,7 @@ def serve_torch(args):
   import torch  # pylint: disable=g-import-not-at-top
   import torch_reference  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
-  device = _torch_device(torch, args.torch_device)
+  device = torch_device(torch, args.torch_device)
   reference = torch_reference.build_torch_model(args.variants, args.width)
   reference.load_state_dict(torch.load(args.weights))
   reference.eval().to(device)
@@ -98,7 +98,7 @@ def serve_torch(args):
         print(*_timed(lambda: forward(xt)), flush=True)
 
 
-def _torch_device(torch, name):
+def torch_device(torch, name):
   """The torch device of --torch_device: 'auto' is CUDA where torch has it, else the CPU."""
   return torch.device(('cuda' if torch.cuda.is_available() else 'cpu') if name == 'auto' else name)
 
@@ -109,19 +109,20 @@ def _torch_forward(torch, reference, bf16):
 
   def forward(x):
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-      return _wait(torch, reference(x))
+      return wait(torch, reference(x))
 
   return forward
 
 
 class TorchProcess:
-  """The PyTorch statement with `reference`'s weights in a child process (`serve_torch`)."""
+  """The PyTorch statement with `reference`'s weights in a child process (`serve_torch`), the
+  weights and logits passed through a temporary directory of its own."""
 
-  def __init__(self, reference, variant, args, directory):
+  def __init__(self, reference, variant, args):
     import torch  # pylint: disable=g-import-not-at-top
-    weights = os.path.join(directory, 'weights.pt')
+    self._directory = tempfile.TemporaryDirectory()
+    weights = os.path.join(self._directory.name, 'weights.pt')
     torch.save(reference.state_dict(), weights)
-    self._directory = directory
     self._child = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), '--torch_process=serve', f'--variants={variant}',
          f'--width={args.width}', f'--threads={args.threads}', f'--weights={weights}',
@@ -139,7 +140,7 @@ class TorchProcess:
   def logits(self, batch, h, w):
     """(batch, h, w, classes) logits of `_input(batch, h, w)`; later `run`s time that input."""
     import numpy as np  # pylint: disable=g-import-not-at-top
-    out = os.path.join(self._directory, 'logits.npy')
+    out = os.path.join(self._directory.name, 'logits.npy')
     self._ask(f'size {batch} {h} {w} {out}')
     return np.load(out)
 
@@ -151,6 +152,7 @@ class TorchProcess:
   def close(self):
     self._child.stdin.close()
     self._child.wait()
+    self._directory.cleanup()
 
 
 def main():
@@ -185,7 +187,7 @@ def main():
   import torch_reference
   # pylint: enable=g-import-not-at-top
   torch.set_num_threads(args.threads)
-  device = _torch_device(torch, args.torch_device)
+  device = torch_device(torch, args.torch_device)
   jax_peak, torch_peak = _matmul_peak(jnp, torch, device, args.bf16)
   peak = max(jax_peak, torch_peak)
   dtype = 'bfloat16' if args.bf16 else 'float32'
@@ -216,16 +218,12 @@ def main():
     model.eval()
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    directory = tempfile.TemporaryDirectory()
-    child = (TorchProcess(reference, variant, args, directory.name)
-             if args.torch_process == 'own' else None)
-    reference.to(device)
-    torch_forward = _torch_forward(torch, reference, args.bf16)
+    child = TorchProcess(reference, variant, args) if args.torch_process == 'own' else None
+    torch_forward = None if child else _torch_forward(torch, reference.to(device), args.bf16)
     for size in args.sizes.split(','):
       h, w = (int(v) for v in size.split('x'))
       x = _input(args.batch, h, w)
       xj = jnp.asarray(x)
-      xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
       start = time.perf_counter()
       compiled = forward.lower(state, xj).compile()
       compile_s = time.perf_counter() - start
@@ -237,6 +235,7 @@ def main():
           expected = child.logits(args.batch, h, w)
           torch_run = child.run
         else:
+          xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
           expected = torch_forward(xt).float().cpu().numpy().transpose(0, 2, 3, 1)
           torch_run = lambda: _timed(lambda: torch_forward(xt))
         actual = np.asarray(compiled(state, xj)).astype(np.float32)
@@ -254,7 +253,6 @@ def main():
             f'{f"{jax_faults}/{torch_faults}":>16}{diff:10.1e}', flush=True)
     if child:
       child.close()
-    directory.cleanup()
 
 
 if __name__ == '__main__':

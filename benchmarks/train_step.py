@@ -12,9 +12,10 @@ compile seconds (and their parts: JAX's tracing + lowering, XLA's compile), JAX'
 FLOP utilisation (XLA's FLOPs of the step per second, as a share of a jitted square matmul's measured
 rate in the row's dtype), the hours 40k such steps take (the IDRiD recipe, at this step time), XLA's
 memory estimate of the compiled step (arguments + temporaries) and each side's peak device memory where
-the backend reports it (GPU/TPU; JAX's since the process began, PyTorch's over the row). PyTorch runs on `--torch_device` (CUDA where torch has it, else the
-CPU, on --threads threads); a bfloat16 row's PyTorch step runs under torch.autocast(bfloat16), float32
-parameters as JAX's; its column is empty where the JAX row is rematerialised (no PyTorch counterpart).
+the backend reports it (GPU/TPU; JAX's since the process began, PyTorch's over the row). PyTorch runs
+on `--torch_device` (CUDA where torch has it, else the CPU, on --threads threads); a bfloat16 row's
+PyTorch step runs under torch.autocast(bfloat16), float32 parameters as JAX's; its column is empty where
+the JAX row is rematerialised (no PyTorch counterpart).
 Both steps share the process's allocator, so `m2mrf_jax.cpu_runtime` (on unless
 $M2MRF_JAX_CPU_RUNTIME=0) applies to both on CPU.
 """
@@ -31,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from benchmarks.compiled import matmul_rate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmarks.model_forward import torch_device, wait  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_pipelines import transforms  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,7 +55,6 @@ def make_batch(batch_size, crop):
   return {'image': rng.integers(0, 256, (batch_size, h, w, 3), dtype=np.uint8),
           'image_size': np.tile(np.array([h, w], np.int32), (batch_size, 1)),
           'label': (rng.random((batch_size, h, w, 4)) < 0.01).astype(np.uint8)}
-
 
 
 def jax_step(variant, width, batch, bf16, remat):
@@ -99,9 +100,7 @@ def torch_step(variant, width, batch, threads, device):
   except ImportError as e:
     print(f'PyTorch statement unavailable ({e}); JAX only')
     return None
-  if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-  device = torch.device(device)
+  device = torch_device(torch, device)
   torch.set_num_threads(threads)
   torch.manual_seed(0)
   model = torch_reference.build_torch_model(variant, width).train().to(device)
@@ -111,7 +110,6 @@ def torch_step(variant, width, batch, threads, device):
                                       for image in batch['image']]).transpose(0, 3, 1, 2).copy())
   labels = torch.from_numpy(batch['label'].transpose(0, 3, 1, 2).astype(np.float32))
   images, labels = images.to(device), labels.to(device)
-  wait = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
 
   def step(bf16):
     def run():
@@ -124,7 +122,7 @@ def torch_step(variant, width, batch, threads, device):
       optimizer.zero_grad()
       loss.backward()
       optimizer.step()
-      wait()
+      wait(torch, loss)
     return run
 
   def peak_gib():
