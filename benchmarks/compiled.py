@@ -35,11 +35,13 @@ def matmul_rate(dtype, repeats=5):
   return 2 * n**3 / median_seconds(run, repeats)
 
 
+def seconds(fn):
+  """Wall time of one call of `fn`."""
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
 def median_seconds(fn, repeats):
   """Median wall time of `repeats` calls of `fn` (after the caller's warm-up)."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(seconds(fn) for _ in range(repeats))

@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,20 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from benchmarks import compiled  # pylint: disable=g-import-not-at-top,wrong-import-position
 from m2mrf_jax import cpu_runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODULES = (8, 8, 7, 3)  # HRModules with each branch: stages 2-4 have (1, 4, 3) modules
-
-
-def _seconds(fn):
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-def _median(fn, repeats):
-  fn()
-  return statistics.median(_seconds(fn) for _ in range(repeats))
 
 
 def main():
@@ -48,12 +37,11 @@ def main():
   parser.add_argument('--threads', type=int, default=os.cpu_count())
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
-  n = 2048
-  a = jnp.ones((n, n), jnp.float32)
-  mm = jax.jit(lambda a: a @ a)
+  n = compiled.matmul_size()
   at = torch.ones(n, n)
-  peak = 2 * n**3 / 1e9 / min(_median(lambda: mm(a).block_until_ready(), 3),
-                              _median(lambda: at @ at, 3))
+  at @ at
+  peak = max(compiled.matmul_rate(jnp.float32, 3),
+             2 * n**3 / compiled.median_seconds(lambda: at @ at, 3)) / 1e9
   h, w = (int(v) for v in args.size.split('x'))
   print(f'HRNetV2-W{args.width} {h}x{w}, batch {args.batch}, 3x3 convs '
         f'{"forward + backward" if args.backward else "forward"}; torch {torch.get_num_threads()} '
@@ -95,8 +83,8 @@ def main():
     run_torch()
     jax_times, torch_times = [], []
     for _ in range(args.repeats):
-      jax_times.append(_seconds(run_jax))
-      torch_times.append(_seconds(run_torch))
+      jax_times.append(compiled.seconds(run_jax))
+      torch_times.append(compiled.seconds(run_torch))
     jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
     flops = 2 * args.batch * hb * wb * 9 * c * c * (3 if args.backward else 1)
     count = 2 * 4 * modules

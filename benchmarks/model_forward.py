@@ -23,7 +23,6 @@ and the logits check against that process's output.
 import argparse
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,9 @@ def _matmul_peak(jnp, torch, device, bf16, repeats=5):
   from benchmarks import compiled  # pylint: disable=g-import-not-at-top (after sys.path has ROOT)
   n = compiled.matmul_size()
   at = torch.ones(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
-  torch_s = _median(lambda: wait(torch, at @ at), repeats)
+  run = lambda: wait(torch, at @ at)
+  run()
+  torch_s = compiled.median_seconds(run, repeats)
   return (compiled.matmul_rate(jnp.bfloat16 if bf16 else jnp.float32, repeats) / 1e9,
           2 * n**3 / torch_s / 1e9)
 
@@ -55,12 +56,6 @@ def _timed(fn):
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-
-
-def _median(fn, repeats):
-  """Median seconds of `repeats` calls of `fn`, after one untimed call."""
-  fn()
-  return statistics.median(_timed(fn)[0] for _ in range(repeats))
 
 
 def _input(batch, h, w):
