@@ -7,7 +7,11 @@
 # leaves the others their time. JAX allocates on demand (no 75% preallocation), so that PyTorch in the
 # same process has the rest of the GPU's memory. Float32 rows are each side at its default precision:
 # XLA's DEFAULT and cuDNN's allow_tf32 may both use TF32 for float32 convolutions.
+# WIDTH, SIZE and BATCH (default 48, 960x1440, 4) shrink it for a rehearsal on a CPU, in a Python 3.12
+# environment with the machine's packages (KINDS.md's list: jax 0.11.2, numpy 2.5.2, torch 2.11):
+#   WIDTH=18 SIZE=128x192 BATCH=2 bash benchmarks/gpu.sh
 set -uo pipefail
+WIDTH=${WIDTH:-48} SIZE=${SIZE:-960x1440} BATCH=${BATCH:-4}
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     .whl/*.whl || exit 1
@@ -16,10 +20,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCAT
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import m2mrf_jax, jax, flax, torch; print("jax", jax.__version__, jax.devices(),
     "flax", flax.__version__, "torch", torch.__version__, torch.cuda.is_available())'
-  timeout 120 python3 benchmarks/model_forward.py --variants=c --width=48 --sizes=960x1440 --batch=4 \
-      --repeats=10
-  timeout 120 python3 benchmarks/model_forward.py --variants=c --width=48 --sizes=960x1440 --batch=4 \
-      --repeats=10 --bf16
-  timeout 320 python3 benchmarks/train_step.py --variants=c --width=48 --crop=960x1440 --batch=4 \
-      --steps=10 --bf16=both
+  timeout 120 python3 benchmarks/model_forward.py --variants=c --width="$WIDTH" --sizes="$SIZE" \
+      --batch="$BATCH" --repeats=10
+  timeout 120 python3 benchmarks/model_forward.py --variants=c --width="$WIDTH" --sizes="$SIZE" \
+      --batch="$BATCH" --repeats=10 --bf16
+  timeout 320 python3 benchmarks/train_step.py --variants=c --width="$WIDTH" --crop="$SIZE" \
+      --batch="$BATCH" --steps=10 --bf16=both
 } 2>&1 | tee "${OUT:-/tmp}/gpu.txt"

@@ -196,15 +196,21 @@ def normalize(image, mean, std):
   cv2.subtract and cv2.multiply.
   """
   out = image.astype(np.float32)
-  cv2.subtract(out, np.float64(np.asarray(mean, np.float32).reshape(1, -1)), out)
-  cv2.multiply(out, 1 / np.float64(np.asarray(std, np.float32).reshape(1, -1)), out)
+  mean, std = (np.float64(np.asarray(v, np.float32).reshape(1, -1)) for v in (mean, std))
+  if cv2.subtract(out, mean, out) is not out or cv2.multiply(out, 1 / std, out) is not out:
+    raise ValueError(f'OpenCV {cv2.__version__} cannot normalise an image of shape {image.shape} in '
+                     'place (OpenCV 5.1 broadcasts the mean against an image one pixel wide)')
   return out
 
 
 def normalize_table(mean, std):
-  """`normalize` of every uint8 value in each channel: float32 (3, 256), for `normalize_padded`."""
-  values = np.arange(256, dtype=np.uint8)[:, None, None] * np.ones(3, np.uint8)  # (256, 1, 3)
-  return np.ascontiguousarray(normalize(values, mean, std)[:, 0].T)
+  """`normalize` of every uint8 value in each channel: float32 (3, 256), for `normalize_padded`.
+
+  The values are one row of 256 pixels: OpenCV 5.1 broadcasts a (1, 3) mean against an image one
+  pixel wide as NumPy would, into a new (256, 3, 3) array, and leaves the image itself unchanged.
+  """
+  values = np.arange(256, dtype=np.uint8)[None, :, None] * np.ones(3, np.uint8)  # (1, 256, 3)
+  return np.ascontiguousarray(normalize(values, mean, std)[0].T)
 
 
 def normalize_padded(pixels, image_size, table):

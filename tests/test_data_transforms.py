@@ -279,6 +279,19 @@ def test_normalize_and_pad():
     transforms.pad_to(out, (5, 12))
 
 
+def test_normalize_of_an_image_one_pixel_wide_is_right_or_refused():
+  # OpenCV 5.1 broadcasts the (1, 3) mean against a (H, 1, 3) image into a new (H, 3, 3) array and
+  # leaves the image as it was; 5.0 subtracts per channel in place.
+  image = np.random.default_rng(13).integers(0, 256, (4, 1, 3), dtype=np.uint8)
+  mean, std = (116.513, 56.437, 16.309), (80.206, 41.232, 13.293)
+  try:
+    out = transforms.normalize(image, mean, std)
+  except ValueError as e:
+    assert f'OpenCV {cv2.__version__} cannot normalise an image of shape (4, 1, 3)' in str(e)
+    return
+  np.testing.assert_allclose(out, (image - np.array(mean)) / np.array(std), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('mean,std', [((116.513, 56.437, 16.309), (80.206, 41.232, 13.293)),  # IDRiD
                                       ((81.205, 50.636, 21.216), (76.252, 48.798, 21.625)),  # DDR
                                       ((0.5, 254.25, 100.0), (0.7, 3.0, 99.9))])
@@ -289,6 +302,8 @@ def test_normalize_padded_on_device_is_normalize_and_pad_bit_for_bit(mean, std):
   image_size = np.array([(16, 16), (9, 16), (16, 5)], np.int32)
   pixels = np.stack([transforms.pad_to(values[:h, :w], (16, 16)) for h, w in image_size])
   table = transforms.normalize_table(mean, std)
+  np.testing.assert_allclose(table, (np.arange(256) - np.array(mean)[:, None]) / np.array(std)[:, None],
+                             rtol=1e-5, atol=1e-5)
   got = jax.jit(transforms.normalize_padded)(pixels, image_size, table)
   expected = np.stack([transforms.pad_to(transforms.normalize(values[:h, :w], mean, std), (16, 16))
                        for h, w in image_size])
